@@ -1,0 +1,368 @@
+"""The producer: a TCP server in front of a pool of worker processes.
+
+It owns the order of start and stop, and nothing else: the supervisor owns
+processes, the dispatcher owns jobs, the server owns connections.
+
+Start: make a private directory for the ipc endpoint, fork the supervisor
+(before any loop, thread or ZeroMQ context exists), then on the event loop
+bind the dispatcher and the TCP port, let the supervisor fork workers, and
+wait until every worker has said READY.
+
+Stop: stop accepting, let queued and running requests finish within the
+grace period, fail the rest, flush replies, retire the workers and the
+supervisor, close sockets and remove the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from .consumer import Consumer, Handler, as_consumer
+from .dispatcher import Dispatcher, Outcome
+from .errors import StartupError
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .server import Limits, Server
+from .supervisor import SupervisorLink
+from .worker import EXIT_BOOT_ERROR
+
+log = logging.getLogger("gaspar.producer")
+
+NEW, STARTING, RUNNING, STOPPING, STOPPED = "new", "starting", "running", "stopping", "stopped"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def new_event_loop(use_uvloop: bool | None = None) -> asyncio.AbstractEventLoop:
+    """A new loop: uvloop when installed (or when asked for), asyncio's otherwise."""
+    if use_uvloop is not False:
+        try:
+            import uvloop
+        except ImportError:
+            if use_uvloop:
+                raise
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+class Producer:
+    """Serve `consumer` on a TCP port with a pool of forked worker processes.
+
+    ``start()`` blocks until ``stop()``, SIGINT or SIGTERM; ``start(blocking=False)``
+    returns once the port is bound and every worker is ready.  As a context
+    manager the producer starts in the background and stops on exit.  A
+    producer starts once.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer | type[Consumer] | Handler,
+        port: int,
+        processes: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        timeout: float | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queue: int = 1000,
+        max_connections: int = 1024,
+        read_timeout: float = 30.0,
+        write_timeout: float = 30.0,
+        grace: float = 30.0,
+        use_uvloop: bool | None = None,
+    ) -> None:
+        if processes is not None and processes < 1:
+            raise ValueError("processes must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.consumer = as_consumer(consumer)
+        self.host = host
+        self.port = port
+        self.processes = processes or available_cpus()
+        self.timeout = timeout
+        self.max_queue = max_queue
+        self.grace = grace
+        self.use_uvloop = use_uvloop
+        self.limits = Limits(max_message_size, max_connections, read_timeout, write_timeout)
+        self.state = NEW
+        self.address: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stop_grace: float | None = None
+        self._tmpdir: str | None = None
+        self._link: SupervisorLink | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._server: Server | None = None
+
+    # -- public ----------------------------------------------------------------
+
+    def start(self, blocking: bool = True) -> None:
+        """Serve; block until stopped, or with blocking=False return once ready."""
+        with self._lock:
+            if self.state != NEW:
+                raise RuntimeError(f"producer already {self.state}")
+            self.state = STARTING
+        self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
+        endpoint = f"ipc://{self._tmpdir}/workers"
+        try:
+            self._link = SupervisorLink.fork(self.consumer, endpoint, self.processes)
+        except BaseException:
+            self._cleanup_files()
+            self.state = STOPPED
+            raise
+        if blocking:
+            self._run(
+                endpoint, install_signals=threading.current_thread() is threading.main_thread()
+            )
+            if self._startup_error is not None:
+                raise self._startup_error
+            return
+        self._loop_thread = threading.Thread(
+            target=self._run, args=(endpoint, False), name="gaspar-producer", daemon=True
+        )
+        self._loop_thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._loop_thread.join()
+            raise self._startup_error
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; requests in flight get up to `grace` seconds to finish.
+
+        Safe from any thread.  Returns once every worker and the supervisor
+        have exited, unless called from the producer's own event loop.
+        """
+        with self._lock:
+            loop, state = self._loop, self.state
+        if state in (NEW, STOPPED) or loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._request_stop, grace)
+        if self._in_loop_thread():
+            return
+        self._finished.wait()
+        if self._loop_thread is not None:
+            self._loop_thread.join()
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        """Pid of the supervisor process, once started."""
+        return self._link.pid if self._link is not None else None
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers that are ready or busy (a snapshot)."""
+        dispatcher = self._dispatcher
+        return dispatcher.worker_pids() if dispatcher is not None else []
+
+    def __enter__(self) -> Producer:
+        self.start(blocking=False)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = f"{self.address[0]}:{self.address[1]}" if self.address else f"port {self.port}"
+        return f"<Producer {where} {self.processes} workers {self.state}>"
+
+    # -- event loop --------------------------------------------------------------
+
+    def _in_loop_thread(self) -> bool:
+        if self._loop_thread is not None:
+            return threading.current_thread() is self._loop_thread
+        loop = self._loop
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
+
+    def _run(self, endpoint: str, install_signals: bool) -> None:
+        loop = new_event_loop(self.use_uvloop)
+        with self._lock:
+            self._loop = loop
+        try:
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, self._request_stop, None)
+            loop.run_until_complete(self._main(endpoint))
+        except BaseException as exc:
+            if self._startup_error is None and not self._ready.is_set():
+                self._startup_error = exc
+            else:
+                log.exception("producer event loop failed")
+        finally:
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            with self._lock:
+                self._loop = None
+                self.state = STOPPED
+            loop.close()
+            self._ready.set()
+            self._finished.set()
+
+    def _request_stop(self, grace: float | None) -> None:
+        if self._stop_event is None or self._stop_event.is_set():
+            return
+        self._stop_grace = grace
+        self._stop_event.set()
+
+    async def _main(self, endpoint: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        link = self._link
+        assert link is not None
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+        try:
+            try:
+                await self._boot(loop, ctx, link, endpoint)
+            except BaseException as exc:
+                self._startup_error = (
+                    exc
+                    if isinstance(exc, StartupError)
+                    else StartupError(f"could not start: {exc}")
+                )
+                if not isinstance(exc, StartupError):
+                    self._startup_error.__cause__ = exc
+                return
+            self.state = RUNNING
+            self._ready.set()
+            await self._stop_event.wait()
+            self.state = STOPPING
+            grace = self.grace if self._stop_grace is None else self._stop_grace
+            await self._drain(grace)
+        finally:
+            await self._teardown(loop, ctx, link)
+
+    async def _boot(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        link: SupervisorLink,
+        endpoint: str,
+    ) -> None:
+        boot_failed: list[int] = []
+        dispatcher = Dispatcher(
+            ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue
+        )
+        self._dispatcher = dispatcher
+
+        def on_exited(pid: int, code: int) -> None:
+            if code == EXIT_BOOT_ERROR and self.state == STARTING:
+                boot_failed.append(pid)
+            dispatcher.worker_exited(pid, code)
+
+        def on_lost() -> None:
+            if self.state in (STARTING, RUNNING):
+                log.critical("supervisor process died; stopping")
+                assert self._stop_event is not None
+                self._stop_event.set()
+
+        link.on_exited = on_exited
+        link.on_lost = on_lost
+        link.attach(loop)
+        self._server = Server(dispatcher, self.limits)
+        try:
+            self.address = await self._server.listen(self.host, self.port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        link.go()
+        want = self.processes
+        assert self._stop_event is not None
+        waits = {
+            asyncio.ensure_future(
+                dispatcher.wait_for(
+                    lambda: dispatcher.ready_workers >= want or bool(boot_failed), None
+                )
+            ),
+            asyncio.ensure_future(self._stop_event.wait()),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if boot_failed:
+            raise StartupError("a worker's setup() failed; see the log for its traceback")
+        if dispatcher.ready_workers < want:
+            raise StartupError("stopped before the workers were ready")
+        log.info(
+            "listening on %s:%d with %d workers (pid %d)",
+            self.address[0],
+            self.address[1],
+            want,
+            os.getpid(),
+        )
+
+    async def _drain(self, grace: float) -> None:
+        server, dispatcher = self._server, self._dispatcher
+        assert server is not None and dispatcher is not None
+        server.stop_accepting()
+        log.info("stopping: %d requests in flight, %.3gs grace", dispatcher.outstanding, grace)
+        finished = await dispatcher.wait_for(lambda: dispatcher.outstanding == 0, grace)
+        if not finished:
+            log.warning("grace period over; failing %d requests", dispatcher.outstanding)
+            dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+        # Replies are written; give them a bounded moment to reach the clients.
+        if not await server.wait_closed(self.limits.write_timeout):
+            server.abort_all()
+
+    async def _teardown(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        link: SupervisorLink,
+    ) -> None:
+        if self._server is not None:
+            self._server.stop_accepting()
+            self._server.abort_all()
+        if self._dispatcher is not None:
+            self._dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+            self._dispatcher.retire()
+        code = await link.stop(term_timeout=5.0)
+        if code != 0:
+            log.warning("supervisor exited with code %d", code)
+        link.close(loop)
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+        ctx.term()
+        self._cleanup_files()
+        log.info("stopped")
+
+    def _cleanup_files(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+def serve(target: Any, port: int, **options: Any) -> None:
+    """Shorthand for ``Producer(target, port, **options).start()``."""
+    Producer(target, port, **options).start()

@@ -1,0 +1,353 @@
+"""Worker lifecycle, in one place: fork, death, replacement, timeout kill, shutdown.
+
+The producer forks one supervisor process first, before it creates an event
+loop, a thread or a ZeroMQ context, so that the supervisor holds none of them.
+The supervisor is single-threaded; every worker is forked from it, and so
+inherits the handler (a lambda typed at a prompt works) and nothing else of
+the producer's machinery.  Nothing else in gaspar forks or reaps.
+
+    producer (event loop, dispatcher, TCP)
+      └─ supervisor (this module's Supervisor.run)
+           ├─ worker
+           └─ worker ...
+
+The producer and the supervisor talk over a Unix socket pair, one ASCII line a
+message:
+
+    producer -> supervisor   go | kill PID | stop SECONDS
+    supervisor -> producer   spawned PID | exited PID CODE
+
+CODE is the exit code, or minus the signal number that ended the worker.
+Each side notices the other's death by EOF on that socket; workers notice the
+supervisor's death by EOF on a lifeline pipe and, on Linux, by a parent-death
+signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from . import worker
+from .consumer import Consumer
+
+log = logging.getLogger("gaspar.supervisor")
+
+# Backoff between attempts to replace a worker whose setup() failed.
+BOOT_BACKOFF_MIN = 0.5
+BOOT_BACKOFF_MAX = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+class Supervisor:
+    """The supervisor process's main loop, in the spirit of gunicorn's arbiter."""
+
+    def __init__(
+        self, consumer: Consumer, endpoint: str, processes: int, control: socket.socket
+    ) -> None:
+        self.consumer = consumer
+        self.endpoint = endpoint
+        self.processes = processes
+        self.control = control
+        self.workers: set[int] = set()
+        self.stopping = False
+        self.term_timeout = 5.0
+        self.backoff = 0.0
+        self.next_spawn = 0.0
+        self._inbox = b""
+        self._wake_r, self._wake_w = os.pipe()
+        self._life_r, self._life_w = os.pipe()
+
+    # -- main loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until told to stop or orphaned; return the process exit code."""
+        self._install_signals()
+        if not self._wait_for_go():
+            return 0
+        while not self.stopping:
+            self.manage_workers()
+            timeout = None
+            if len(self.workers) < self.processes:
+                timeout = max(0.0, self.next_spawn - time.monotonic())
+            ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [], timeout)
+            if self._wake_r in ready:
+                self._drain_wakeups()
+                self.reap_workers()
+            if self.control.fileno() in ready:
+                self._read_control()
+        self.shutdown()
+        return 0
+
+    def manage_workers(self) -> None:
+        """Fork workers until there are `processes` of them, unless backing off."""
+        while len(self.workers) < self.processes and time.monotonic() >= self.next_spawn:
+            self.spawn_worker()
+
+    def spawn_worker(self) -> None:
+        """Fork one worker; the child never returns from here."""
+        pid = os.fork()
+        if pid == 0:
+            code = worker.EXIT_ERROR
+            try:
+                self._become_worker()
+                code = worker.main(self.consumer, self.endpoint, self._life_r)
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+            finally:
+                _flush_and_exit(code)
+        self.workers.add(pid)
+        self._tell(f"spawned {pid}")
+        log.debug("spawned worker %d", pid)
+
+    def kill_worker(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to one of our workers; a pid that is not ours is ignored."""
+        if pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def reap_workers(self) -> None:
+        """Collect every exited worker, report it, and schedule its replacement."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid not in self.workers:
+                continue
+            self.workers.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            self._tell(f"exited {pid} {code}")
+            if code == worker.EXIT_BOOT_ERROR:
+                self.backoff = min(BOOT_BACKOFF_MAX, max(BOOT_BACKOFF_MIN, self.backoff * 2))
+                self.next_spawn = time.monotonic() + self.backoff
+                log.error("worker %d failed in setup(); next attempt in %.1fs", pid, self.backoff)
+            else:
+                self.backoff = 0.0
+
+    def shutdown(self) -> None:
+        """SIGTERM every worker, SIGKILL those still there after term_timeout, reap all."""
+        for pid in list(self.workers):
+            self.kill_worker(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.term_timeout
+        while self.workers:
+            self.reap_workers()
+            left = deadline - time.monotonic()
+            if not self.workers:
+                break
+            if left <= 0:
+                for pid in list(self.workers):
+                    log.warning("worker %d ignored SIGTERM; killing it", pid)
+                    self.kill_worker(pid)
+                deadline = float("inf")
+                left = 1.0
+            with contextlib.suppress(InterruptedError):
+                select.select([self._wake_r], [], [], min(left, 0.1))
+            self._drain_wakeups()
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    def _wait_for_go(self) -> bool:
+        while not self.stopping:
+            ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [])
+            self._drain_wakeups()
+            if self.control.fileno() in ready and self._read_control():
+                return True
+        return False
+
+    def _read_control(self) -> bool:
+        """Act on the producer's lines; return True if one of them was "go"."""
+        try:
+            data = self.control.recv(4096)
+        except InterruptedError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            log.debug("producer gone; supervisor stopping")
+            self.stopping = True
+            return False
+        self._inbox += data
+        go = False
+        while b"\n" in self._inbox:
+            line, self._inbox = self._inbox.split(b"\n", 1)
+            cmd, _, arg = line.decode("ascii").partition(" ")
+            if cmd == "go":
+                go = True
+            elif cmd == "kill":
+                self.kill_worker(int(arg))
+            elif cmd == "stop":
+                self.term_timeout = float(arg)
+                self.stopping = True
+        return go
+
+    def _tell(self, line: str) -> None:
+        with contextlib.suppress(OSError):
+            self.control.sendall(line.encode("ascii") + b"\n")
+
+    def _become_worker(self) -> None:
+        """Shed the supervisor's descriptors and signal set-up in a new worker."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (self._wake_r, self._wake_w, self._life_w):
+            os.close(fd)
+        self.control.close()
+        _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the supervisor) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        _flush_and_exit(worker.EXIT_ERROR)
+
+
+def _flush_and_exit(code: int) -> None:
+    """Leave a forked child without running the parent's atexit handlers."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+class SupervisorLink:
+    """The producer's side: forks the supervisor, then talks to it from the event loop."""
+
+    def __init__(self, pid: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.control = control
+        self._inbox = b""
+        self._exit_code: int | None = None
+        self._gone: asyncio.Future[None] | None = None
+        self.on_spawned: Callable[[int], None] = lambda pid: None
+        self.on_exited: Callable[[int, int], None] = lambda pid, code: None
+        self.on_lost: Callable[[], None] = lambda: None
+
+    @classmethod
+    def fork(cls, consumer: Consumer, endpoint: str, processes: int) -> SupervisorLink:
+        """Fork the supervisor; it waits for :meth:`go` before forking workers."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                code = Supervisor(consumer, endpoint, processes, theirs).run()
+            except BaseException:
+                log.exception("supervisor crashed")
+            finally:
+                _flush_and_exit(code)
+        theirs.close()
+        return cls(pid, ours)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the supervisor's reports on `loop`."""
+        self.control.setblocking(False)
+        self._gone = loop.create_future()
+        loop.add_reader(self.control.fileno(), self._on_readable)
+
+    def go(self) -> None:
+        """Let the supervisor fork its workers (the dispatcher is bound by now)."""
+        self._send("go")
+
+    def kill(self, pid: int) -> None:
+        """Have the supervisor SIGKILL one worker (a request ran past its timeout)."""
+        self._send(f"kill {pid}")
+
+    async def stop(self, term_timeout: float) -> int:
+        """Retire all workers and the supervisor; return the supervisor's exit code."""
+        self._send(f"stop {term_timeout}")
+        if self._gone is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._gone), term_timeout + 5.0)
+        return self.reap(wait=True)
+
+    def reap(self, wait: bool) -> int:
+        """Collect the supervisor's exit status, SIGKILLing it if it will not go."""
+        if self._exit_code is not None:
+            return self._exit_code
+        if self._gone is None or not self._gone.done():
+            # Not yet exited on its own: it ignored "stop", or we are tearing down early.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL if wait else signal.SIGTERM)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = 0
+        self._exit_code = os.waitstatus_to_exitcode(status)
+        return self._exit_code
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Stop reading and close our end of the control socket."""
+        if loop is not None and self.control.fileno() >= 0:
+            loop.remove_reader(self.control.fileno())
+        self.control.close()
+
+    def _send(self, line: str) -> None:
+        try:
+            self.control.sendall(line.encode("ascii") + b"\n")
+        except BlockingIOError:
+            # Lines are tiny; a full buffer means the supervisor is stuck.
+            log.error("supervisor is not reading its control socket")
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+                raise
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.control.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.control.fileno())
+            if self._gone is not None and not self._gone.done():
+                self._gone.set_result(None)
+            self.on_lost()
+            return
+        self._inbox += data
+        while b"\n" in self._inbox:
+            line, self._inbox = self._inbox.split(b"\n", 1)
+            words = line.decode("ascii").split()
+            if words[0] == "spawned":
+                self.on_spawned(int(words[1]))
+            elif words[0] == "exited":
+                self.on_exited(int(words[1]), int(words[2]))
