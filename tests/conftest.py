@@ -1,0 +1,85 @@
+"""Shared fixtures: producers that always stop, raw sockets, process checks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import gaspar
+from gaspar.protocol import pack
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., gaspar.Producer]]:
+    """Start producers in the background; stop every one after the test."""
+    started: list[gaspar.Producer] = []
+
+    def start(handler: Any, processes: int = 2, **options: Any) -> gaspar.Producer:
+        producer = gaspar.Producer(handler, 0, processes=processes, **options)
+        producer.start(blocking=False)
+        started.append(producer)
+        return producer
+
+    yield start
+    for producer in started:
+        producer.stop(grace=5)
+
+
+def connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(address, timeout=timeout)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Read a v1 reply; a reset propagates as ConnectionResetError."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def raw_request(address: tuple[str, int], payload: bytes, timeout: float = 10.0) -> bytes:
+    """The original client's logic: sendall(pack(msg)), then read to EOF."""
+    with connect(address, timeout) as sock:
+        sock.sendall(pack(payload))
+        return read_to_eof(sock)
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)  # poll interval, bounded by the deadline above
+    return predicate()
+
+
+def child_pids(pid: int) -> set[int]:
+    """Direct children of `pid`, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found

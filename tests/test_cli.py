@@ -1,0 +1,142 @@
+"""The command: `gaspar serve` and `gaspar request`, as separate processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gaspar.client import request
+from tests.conftest import alive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LISTENING = re.compile(rb"listening on (\S+):(\d+) with (\d+) workers")
+
+
+class Server:
+    """`gaspar serve` in a subprocess, with its log lines read under a deadline."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gaspar", "serve", *args, "--port", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        self.log: list[bytes] = []
+        self.port = 0
+        match = self.wait_for_line(LISTENING)
+        self.port = int(match.group(2))
+
+    def wait_for_line(self, pattern: re.Pattern[bytes], timeout: float = 20) -> re.Match[bytes]:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = pattern.search(line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern.pattern!r} in {self.log!r}")
+
+    def finish(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(30)
+        finally:
+            self.proc.kill()
+        assert self.proc.stderr is not None
+        self.log.extend(self.proc.stderr.read().splitlines(keepends=True))
+        return code
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server("tests.handlers:behave", "--workers", "2", "--timeout", "5")
+    yield srv
+    srv.proc.kill()
+    srv.proc.wait(10)
+
+
+def gaspar_request(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gaspar", "request", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
+def test_serve_and_request(server: Server) -> None:
+    address = f"127.0.0.1:{server.port}"
+    result = gaspar_request(address, "echo:hello")
+    assert result.returncode == 0 and result.stdout == b"hello"
+    result = gaspar_request(address, "--timeout", "10", stdin=b"echo:\x00binary\xff")
+    assert result.returncode == 0 and result.stdout == b"\x00binary\xff"
+
+
+def test_request_failure_exits_non_zero(server: Server) -> None:
+    result = gaspar_request(f"127.0.0.1:{server.port}", "raise:boom")
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"reset" in result.stderr
+    assert gaspar_request("127.0.0.1:1", "x").returncode == 1
+    assert gaspar_request("not-an-address", "x").returncode == 1
+
+
+def test_handler_traceback_is_logged_on_one_line(server: Server) -> None:
+    gaspar_request(f"127.0.0.1:{server.port}", "raise:logged")
+    match = server.wait_for_line(re.compile(rb"handler raised.*ValueError: logged"))
+    assert b"Traceback" in match.string and match.string.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_server_and_its_workers(sig: int) -> None:
+    srv = Server("tests.handlers:behave", "--workers", "2")
+    pids = [int(request(("127.0.0.1", srv.port), b"pid", timeout=10)) for _ in range(4)]
+    assert srv.finish(sig) == 0
+    assert not any(alive(p) for p in pids)
+    assert any(b"stopped" in line for line in srv.log)
+
+
+@pytest.mark.parametrize("target", ["tests.handlers:prefixed", "tests.handlers:Prefixed"])
+def test_serve_consumer_instance_and_class(target: str) -> None:
+    srv = Server(target, "--workers", "1")
+    try:
+        reply = request(("127.0.0.1", srv.port), b"m", timeout=10)
+        assert re.fullmatch(rb"\d+:m", reply)
+    finally:
+        assert srv.finish() == 0
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "gaspar")
+    out = subprocess.run([script, "--help"], capture_output=True, timeout=30)
+    assert out.returncode == 0 and b"serve" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "--help"], capture_output=True, timeout=30
+    )
+    assert out.returncode == 0 and b"request" in out.stdout
+
+
+def test_bad_target_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gaspar", "serve", "tests.handlers:nothing", "--port", "0"],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and b"cannot load" in result.stderr

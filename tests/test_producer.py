@@ -1,0 +1,177 @@
+"""The producer end to end: real workers, real sockets, real ZeroMQ."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import threading
+
+import pytest
+
+import gaspar
+from gaspar.client import request
+from gaspar.protocol import pack
+from tests import handlers
+from tests.conftest import alive, child_pids, raw_request, read_to_eof, wait_until
+
+
+def test_original_example_with_bytes() -> None:
+    def echo(message: bytes) -> bytes:
+        return message
+
+    consumer = gaspar.Consumer(handler=echo)
+    producer = gaspar.Producer(consumer, 0, processes=2)
+    thread = threading.Thread(target=producer.start)  # start() blocks in this thread
+    thread.start()
+    try:
+        assert wait_until(lambda: producer.state == "running", timeout=20)
+        assert gaspar.client.request(producer.address, b"hello", timeout=10) == b"hello"
+        assert raw_request(producer.address, b"") == b""
+    finally:
+        producer.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert producer.state == "stopped"
+
+
+def test_start_nonblocking_returns_when_bound_and_all_workers_ready(serve) -> None:
+    producer = serve(handlers.behave, processes=3)
+    host, port = producer.address
+    assert host == "127.0.0.1" and port > 0
+    pids = producer.worker_pids()
+    assert len(pids) == 3
+    # Every worker is a live grandchild: forked by the supervisor, not by us.
+    assert set(pids) == child_pids(producer.supervisor_pid)
+    assert child_pids(os.getpid()) >= {producer.supervisor_pid}
+
+
+def test_default_processes_follow_cpu_affinity() -> None:
+    producer = gaspar.Producer(handlers.echo, 0)
+    assert producer.processes == len(os.sched_getaffinity(0))
+
+
+def test_context_manager_starts_and_stops_cleanly() -> None:
+    with gaspar.Producer(handlers.behave, 0, processes=2) as producer:
+        assert request(producer.address, b"echo:hi", timeout=10) == b"hi"
+        supervisor, workers = producer.supervisor_pid, producer.worker_pids()
+        tmpdir = producer._tmpdir
+        assert tmpdir is not None and os.path.isdir(tmpdir)
+        assert os.stat(tmpdir).st_mode & 0o777 == 0o700
+    assert supervisor is not None and not alive(supervisor)
+    assert not any(alive(pid) for pid in workers)
+    assert not os.path.exists(tmpdir)
+    assert supervisor not in child_pids(os.getpid())
+    with pytest.raises(gaspar.ConnectionFailed):
+        request(producer.address, b"x", timeout=5)
+
+
+def test_lambda_and_closure_handlers_work_even_with_spawn_as_default(serve) -> None:
+    # Workers are forked with os.fork, so the default start method does not matter.
+    method = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        suffix = b"-closure"
+        producer = serve(lambda m: m + suffix, processes=1)
+        assert request(producer.address, b"x", timeout=10) == b"x-closure"
+        producer2 = serve(gaspar.Consumer(handler=lambda m: m.upper()), processes=1)
+        assert request(producer2.address, b"abc", timeout=10) == b"ABC"
+    finally:
+        multiprocessing.set_start_method(method, force=True)
+
+
+def test_consumer_subclass_setup_runs_in_each_worker(serve) -> None:
+    producer = serve(handlers.Prefixed, processes=2)
+    pids = set(producer.worker_pids())
+    seen = set()
+    for _ in range(20):
+        reply = request(producer.address, b"m", timeout=10)
+        pid, _, rest = reply.partition(b":")
+        assert rest == b"m"
+        seen.add(int(pid))
+    assert seen <= pids
+
+
+def test_str_reply_is_utf8(serve) -> None:
+    producer = serve(handlers.behave, processes=1)
+    assert request(producer.address, b"str:caf", timeout=10) == "café".encode()
+
+
+def test_reply_of_wrong_type_is_a_handler_error(serve) -> None:
+    producer = serve(handlers.behave, processes=1)
+    pid = producer.worker_pids()[0]
+    with pytest.raises(gaspar.RequestFailed):
+        request(producer.address, b"badtype", timeout=10)
+    assert request(producer.address, b"pid", timeout=10) == str(pid).encode()
+
+
+def test_setup_failure_fails_start() -> None:
+    producer = gaspar.Producer(handlers.BrokenSetup, 0, processes=2)
+    with pytest.raises(gaspar.StartupError, match="setup"):
+        producer.start(blocking=False)
+    assert producer.state == "stopped"
+    assert producer.supervisor_pid is not None and not alive(producer.supervisor_pid)
+
+
+def test_port_in_use_fails_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        producer = gaspar.Producer(handlers.echo, port, processes=1)
+        with pytest.raises(gaspar.StartupError, match="cannot listen"):
+            producer.start(blocking=False)
+    assert not alive(producer.supervisor_pid)
+
+
+def test_producer_starts_once(serve) -> None:
+    producer = serve(handlers.echo, processes=1)
+    with pytest.raises(RuntimeError):
+        producer.start(blocking=False)
+
+
+def test_supervisor_has_one_thread_and_no_zmq(serve) -> None:
+    """Fork safety: the supervisor holds no thread and no ZeroMQ socket of ours."""
+    producer = serve(handlers.behave, processes=1)
+    sup = producer.supervisor_pid
+    assert len(os.listdir(f"/proc/{sup}/task")) == 1
+    # ZeroMQ contexts and event loops hold eventfd and epoll descriptors.
+    links = {os.readlink(f"/proc/{sup}/fd/{fd}") for fd in os.listdir(f"/proc/{sup}/fd")}
+    assert not any("eventfd" in link or "eventpoll" in link for link in links)
+
+
+def test_ipv6(serve) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 not configured here")
+    producer = serve(handlers.echo, processes=1, host="::1")
+    port = producer.address[1]
+    assert request(f"[::1]:{port}", b"six", timeout=10) == b"six"
+
+
+def test_half_closed_client_still_gets_its_reply(serve) -> None:
+    producer = serve(handlers.behave, processes=1)
+    with socket.create_connection(producer.address, timeout=10) as sock:
+        sock.sendall(pack(b"echo:half"))
+        sock.shutdown(socket.SHUT_WR)  # as `nc -N` does
+        assert read_to_eof(sock) == b"half"
+
+
+def test_request_in_many_small_writes(serve) -> None:
+    producer = serve(handlers.echo, processes=1)
+    data = pack(b"0123456789" * 100)
+    with socket.create_connection(producer.address, timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(data), 7):
+            sock.sendall(data[i : i + 7])
+        assert read_to_eof(sock) == b"0123456789" * 100
+
+
+def test_large_payload_round_trip(serve) -> None:
+    producer = serve(handlers.echo, processes=1)
+    payload = os.urandom(3 * 1024 * 1024)
+    assert request(producer.address, payload, timeout=30) == payload
