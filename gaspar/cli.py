@@ -63,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_message_size=args.max_message_size,
         max_queue=args.max_queue,
+        max_connections=args.max_connections,
+        read_timeout=args.read_timeout,
         grace=args.grace,
     )
     try:
@@ -106,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-queue", type=int, default=1000, help="requests waiting for a worker (default 1000)"
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=1024, help="open connections (default 1024)"
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send its request (default 30)",
     )
     serve.add_argument(
         "--grace", type=float, default=30.0, help="seconds in-flight requests get at stop"

@@ -209,7 +209,7 @@ class Producer:
         try:
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, self._request_stop, None)
+                    loop.add_signal_handler(sig, self._on_signal, sig)
             loop.run_until_complete(self._main(endpoint))
         except BaseException as exc:
             if self._startup_error is None and not self._ready.is_set():
@@ -228,6 +228,15 @@ class Producer:
             loop.close()
             self._ready.set()
             self._finished.set()
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop_event is not None and self._stop_event.is_set():
+            log.warning("%s again: failing requests in flight now", signal.Signals(sig).name)
+            if self._dispatcher is not None:
+                self._dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+            return
+        log.info("%s: stopping", signal.Signals(sig).name)
+        self._request_stop(None)
 
     def _request_stop(self, grace: float | None) -> None:
         if self._stop_event is None or self._stop_event.is_set():

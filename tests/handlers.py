@@ -25,6 +25,11 @@ def behave(message: bytes) -> bytes | str:
     if verb == b"sleep":
         time.sleep(float(arg))  # handler: simulated work of a known length
         return b"slept:" + arg
+    if verb == b"mark":
+        with open(arg, "w"):
+            pass
+        time.sleep(60)  # handler: a long job that tells the test it has started
+        return b"marked"
     if verb == b"spin":
         while True:
             pass

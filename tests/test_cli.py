@@ -8,13 +8,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from gaspar.client import request
-from tests.conftest import alive
+from gaspar.errors import RequestFailed
+from tests.conftest import alive, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(rb"listening on (\S+):(\d+) with (\d+) workers")
@@ -30,6 +32,7 @@ class Server:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
+            bufsize=0,  # unbuffered, so select() sees every line not yet read
         )
         self.log: list[bytes] = []
         self.port = 0
@@ -140,3 +143,27 @@ def test_bad_target_exits_2() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 2 and b"cannot load" in result.stderr
+
+
+def test_second_signal_cuts_the_grace_period_short(tmp_path) -> None:
+    srv = Server("tests.handlers:behave", "--workers", "1", "--grace", "60")
+    marker = tmp_path / "running"
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(request(("127.0.0.1", srv.port), b"mark:%s" % bytes(marker), 60))
+        except RequestFailed as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert wait_until(marker.exists, timeout=20)  # the handler is running
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.wait_for_line(re.compile(rb"stopping: 1 requests in flight"))
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(30) == 0
+    caller.join(30)
+    assert time.monotonic() - started < 20
+    assert isinstance(outcome[0], RequestFailed)
