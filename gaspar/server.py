@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from typing import cast
 
 from .dispatcher import Dispatcher, Job, Outcome
@@ -33,6 +34,27 @@ def reset(transport: asyncio.Transport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
+
+
+class Throttled:
+    """Log a repeated event at most once per `interval`, with its count since the last line."""
+
+    __slots__ = ("count", "interval", "level", "message", "next_at")
+
+    def __init__(self, level: int, message: str, interval: float = 1.0) -> None:
+        self.level = level
+        self.message = message
+        self.interval = interval
+        self.count = 0
+        self.next_at = 0.0
+
+    def __call__(self, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            log.log(self.level, self.message + " (%d since the last report)", *args, self.count)
+            self.count = 0
+            self.next_at = now + self.interval
 
 
 class Limits:
@@ -63,6 +85,10 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
+        self.queue_full = Throttled(logging.WARNING, "queue full (max_queue=%d): refusing requests")
+        self.too_many = Throttled(
+            logging.WARNING, "too many connections (max_connections=%d): resetting new ones"
+        )
 
     async def listen(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
         """Bind and start accepting; return the bound (host, port)."""
@@ -122,6 +148,8 @@ class V1Connection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         if server.draining or len(server.connections) >= server.limits.max_connections:
+            if not server.draining:
+                server.too_many(server.limits.max_connections)
             self.state = CLOSED
             reset(transport)
             return
@@ -152,7 +180,7 @@ class V1Connection(asyncio.Protocol):
         self.state = WAITING
         self.job = self.server.dispatcher.submit(payload, self._on_outcome)
         if self.job is None:
-            log.warning("queue full (%d); refusing a request", self.server.dispatcher.max_queue)
+            self.server.queue_full(self.server.dispatcher.max_queue)
             self.fail()
 
     def eof_received(self) -> bool:
