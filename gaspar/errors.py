@@ -1,13 +1,25 @@
-"""Exceptions that gaspar raises to its callers."""
+"""Exceptions that gaspar raises to its callers.
+
+Every failure of a request is a :class:`RequestFailed`; its subclasses say why
+when the protocol tells (v2 replies carry a status; v1 only resets).
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "BadArguments",
+    "BadRequest",
     "ConnectionFailed",
     "GasparError",
+    "HandlerError",
+    "MessageTooLarge",
+    "Overloaded",
     "RequestFailed",
     "RequestTimeout",
+    "ShuttingDown",
     "StartupError",
+    "UnknownTask",
+    "WorkerLost",
 ]
 
 
@@ -20,12 +32,57 @@ class StartupError(GasparError):
 
 
 class RequestFailed(GasparError):
-    """A request got no reply; the underlying error is chained as __cause__."""
+    """A request got no reply; any underlying error is chained as __cause__."""
 
 
 class ConnectionFailed(RequestFailed):
-    """The server could not be reached, or dropped the connection mid-request."""
+    """The server could not be reached, or the connection broke mid-request."""
 
 
 class RequestTimeout(RequestFailed):
-    """No complete reply arrived within the client's timeout."""
+    """No reply in time: the client's timeout ran out, or the server's killed the handler."""
+
+
+class HandlerError(RequestFailed):
+    """The handler raised; `remote_type` and `remote_message` describe its exception."""
+
+    def __init__(self, message: str, remote_type: str = "", remote_message: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+    @classmethod
+    def from_remote(cls, text: str) -> HandlerError:
+        """Build from the server's "TypeName: message" text."""
+        remote_type, sep, remote_message = text.partition(": ")
+        if not sep:
+            remote_type, remote_message = text, ""
+        return cls(f"handler raised {text}", remote_type, remote_message)
+
+
+class WorkerLost(RequestFailed):
+    """The worker running the request died (crash, kill, or out of memory)."""
+
+
+class Overloaded(RequestFailed):
+    """The server refused the request: its queue or the connection's pipeline was full."""
+
+
+class MessageTooLarge(RequestFailed):
+    """The request (or the reply) was larger than the limit that applies to it."""
+
+
+class BadRequest(RequestFailed):
+    """The server rejected the request as malformed (for example a duplicate id)."""
+
+
+class ShuttingDown(RequestFailed):
+    """The server is stopping and did not run, or did not finish, the request."""
+
+
+class UnknownTask(RequestFailed):
+    """A structured call named a task the server's App does not have."""
+
+
+class BadArguments(RequestFailed):
+    """A structured call's arguments do not fit the task's signature."""
