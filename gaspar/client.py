@@ -1,21 +1,45 @@
-"""The blocking v1 client, built on the plain ``socket`` module.
+"""The blocking client, built on the plain ``socket`` module.
 
-Because it uses nothing but ``socket`` (and ``time``), eventlet's or gevent's
-monkey-patching turns it green: many greenlets can wait on gaspar at once.
+Because it uses nothing but ``socket``, ``select``, ``threading`` and
+``time``, eventlet's or gevent's monkey-patching turns it green: many
+greenlets can wait on gaspar at once.
+
+- :func:`request` sends one request over a fresh connection, v1 by default, so
+  it also works against servers that speak only the original protocol.
+- :class:`Client` keeps a small pool of persistent v2 connections: no TCP
+  connect per request, and failures arrive as typed exceptions.
 """
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
 
-from .errors import ConnectionFailed, RequestFailed, RequestTimeout
-from .protocol import LimitExceeded, ReplyReader, pack
+from .clientcore import RequestIds, check_protocol, failure
+from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTimeout
+from .protocol import (
+    MAGIC_V2,
+    LimitExceeded,
+    ProtocolError,
+    ReplyReader,
+    ReplyReaderV2,
+    Status,
+    pack,
+    pack_request_v2,
+    to_bytes,
+)
 
-__all__ = ["DEFAULT_MAX_REPLY_SIZE", "pack", "parse_address", "request"]
+__all__ = ["DEFAULT_MAX_REPLY_SIZE", "Client", "pack", "parse_address", "request"]
 
 DEFAULT_MAX_REPLY_SIZE = 64 * 1024 * 1024
 _RECV_SIZE = 256 * 1024
+
+Message = bytes | bytearray | memoryview | str
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -32,55 +56,218 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def request(
-    address: str | tuple[str, int],
-    message: bytes | bytearray | memoryview | str,
-    timeout: float | None = None,
-    *,
-    max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
-) -> bytes:
-    """Send one request and return the reply.
+class _Deadline:
+    """The time left of one call, applied to each socket operation in turn."""
 
-    `timeout` bounds the whole call (connect, send and receive).  Every failure
-    raises :class:`gaspar.RequestFailed` or a subclass, with the cause chained:
-    ConnectionFailed when the server cannot be reached, RequestTimeout when the
-    time runs out, RequestFailed when the server resets the connection (the
-    handler raised, its worker died or timed out, or the server refused it).
-    """
-    host, port = parse_address(address)
-    data = pack(message)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    __slots__ = ("at", "timeout", "where")
 
-    def remaining() -> float | None:
-        if deadline is None:
+    def __init__(self, timeout: float | None, where: str) -> None:
+        self.timeout = timeout
+        self.where = where
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        if self.at is None:
             return None
-        left = deadline - time.monotonic()
+        left = self.at - time.monotonic()
         if left <= 0:
-            raise RequestTimeout(f"no reply from {host}:{port} within {timeout}s")
+            raise RequestTimeout(f"{self.where}: no reply within {self.timeout}s")
         return left
 
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
     try:
-        sock = socket.create_connection((host, port), timeout=remaining())
+        sock = socket.create_connection((host, port), timeout=deadline.left())
     except TimeoutError as exc:
-        raise RequestTimeout(f"connecting to {host}:{port} timed out") from exc
+        raise RequestTimeout(f"{deadline.where}: connecting timed out") from exc
     except OSError as exc:
-        raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc}") from exc
-    reader = ReplyReader(max_reply_size)
+        raise ConnectionFailed(f"{deadline.where}: cannot connect: {exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+T = TypeVar("T")
+
+
+def _translate(where: str, call: Callable[[], T]) -> T:
+    """Run `call`, turning socket and framing errors into RequestFailed subclasses."""
     try:
+        return call()
+    except TimeoutError as exc:
+        raise RequestTimeout(f"{where}: no reply in time") from exc
+    except ConnectionResetError as exc:
+        raise RequestFailed(f"{where}: the server reset the connection") from exc
+    except LimitExceeded as exc:
+        raise MessageTooLarge(f"{where}: reply too large: {exc}") from exc
+    except ProtocolError as exc:
+        raise ConnectionFailed(f"{where}: {exc}") from exc
+    except OSError as exc:
+        raise ConnectionFailed(f"{where}: connection failed: {exc}") from exc
+
+
+def request(
+    address: str | tuple[str, int],
+    message: Message,
+    timeout: float | None = None,
+    *,
+    protocol: str = "v1",
+    max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
+) -> bytes:
+    """Send one request over a fresh connection and return the reply.
+
+    `timeout` bounds the whole call (connect, send and receive).  Every failure
+    raises :class:`gaspar.RequestFailed` or a subclass, with the cause chained.
+    Over v1 a server-side failure is a reset, which says only RequestFailed;
+    ``protocol="v2"`` gets the typed reason (HandlerError, WorkerLost, ...).
+    """
+    check_protocol(protocol)
+    if protocol == "v2":
+        with Client(address, pool_size=0, max_reply_size=max_reply_size) as client:
+            return client.request(message, timeout)
+    host, port = parse_address(address)
+    where = f"{host}:{port}"
+    data = pack(message)
+    deadline = _Deadline(timeout, where)
+    sock = _connect(host, port, deadline)
+
+    def exchange() -> bytes:
+        reader = ReplyReader(max_reply_size)
         with sock:
-            sock.settimeout(remaining())
+            sock.settimeout(deadline.left())
             sock.sendall(data)
             while True:
-                sock.settimeout(remaining())
+                sock.settimeout(deadline.left())
                 chunk = sock.recv(_RECV_SIZE)
                 if not chunk:
                     return reader.finish()
                 reader.feed(chunk)
-    except TimeoutError as exc:
-        raise RequestTimeout(f"no reply from {host}:{port} within {timeout}s") from exc
-    except ConnectionResetError as exc:
-        raise RequestFailed(f"{host}:{port} reset the connection: the request failed") from exc
-    except LimitExceeded as exc:
-        raise RequestFailed(f"reply from {host}:{port} too large: {exc}") from exc
-    except OSError as exc:
-        raise ConnectionFailed(f"connection to {host}:{port} failed: {exc}") from exc
+
+    return _translate(where, exchange)
+
+
+class _Connection:
+    """One persistent v2 connection, used by one caller at a time."""
+
+    __slots__ = ("ids", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, max_reply_size: int | None) -> None:
+        self.sock = sock
+        self.reader = ReplyReaderV2(max_reply_size)
+        self.ids: RequestIds[bool] = RequestIds()
+
+    def usable(self) -> bool:
+        """False if the server has closed or reset it while it sat in the pool."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable  # an idle v2 connection has nothing to read but EOF or RST
+
+    def exchange(self, data: bytes, deadline: _Deadline) -> tuple[Status, bytes]:
+        rid = self.ids.open(True)
+        self.sock.settimeout(deadline.left())
+        self.sock.sendall(pack_request_v2(rid, data))
+        while True:
+            self.sock.settimeout(deadline.left())
+            chunk = self.sock.recv(_RECV_SIZE)
+            if not chunk:
+                raise ConnectionFailed(f"{deadline.where}: the server closed the connection")
+            for reply in self.reader.feed(chunk):
+                if self.ids.resolve(reply.id) is None or reply.id != rid:
+                    raise ProtocolError(f"reply for request {reply.id}, expected {rid}")
+                return reply.status, reply.body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client:
+    """A blocking v2 client: persistent connections, typed errors, thread- and green-safe.
+
+    Each call takes an idle pooled connection, or opens one; at most
+    `pool_size` idle connections are kept.  A connection whose call failed in
+    any way is closed, never reused, so a late reply cannot reach another call.
+    """
+
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        *,
+        timeout: float | None = None,
+        pool_size: int = 8,
+        max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self.where = f"{self.host}:{self.port}"
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.max_reply_size = max_reply_size
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def request(self, message: Message, timeout: float | None = None) -> bytes:
+        """Send one request and return its reply; `timeout` overrides the client's."""
+        data = to_bytes(message)
+        deadline = _Deadline(self.timeout if timeout is None else timeout, self.where)
+        conn = self._checkout(deadline)
+        try:
+            status, body = _translate(self.where, lambda: conn.exchange(data, deadline))
+        except BaseException:
+            conn.close()
+            raise
+        self._checkin(conn)
+        if status is not Status.OK:
+            raise failure(status, body, self.where)
+        return body
+
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
+        from .app import decode_result, encode_call
+
+        return decode_result(self.request(encode_call(name, args, kwargs)))
+
+    def close(self) -> None:
+        """Close the pooled connections; calls after this open none."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _checkout(self, deadline: _Deadline) -> _Connection:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionFailed(f"{self.where}: client closed")
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            if conn.usable():
+                return conn
+            conn.close()
+        sock = _connect(self.host, self.port, deadline)
+        try:
+            sock.sendall(MAGIC_V2)
+        except OSError as exc:
+            sock.close()
+            raise ConnectionFailed(f"{self.where}: connection failed: {exc}") from exc
+        return _Connection(sock, self.max_reply_size)
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.pool_size:
+                self._idle.append(conn)
+                return
+        conn.close()

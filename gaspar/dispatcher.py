@@ -11,14 +11,13 @@ ZeroMQ identity, and learns of deaths through :meth:`worker_exited` (from the
 local supervisor today; from heartbeats once remote workers join).  Killing a
 worker whose job ran past its deadline is delegated to the `kill` callback.
 
-Every job ends exactly once, through its callback, with one :class:`Outcome`.
+Every job ends exactly once, through its callback, with one :class:`Status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from collections.abc import Callable
 import zmq
 
 from . import workerproto as wp
+from .protocol import Status
 
 log = logging.getLogger("gaspar.dispatcher")
 
@@ -35,18 +35,7 @@ STALE_READY_WINDOW = 60.0
 ZERO_COPY_THRESHOLD = 64 * 1024
 
 
-class Outcome(enum.IntEnum):
-    """How a job ended; every outcome but OK fails the request."""
-
-    OK = 0
-    HANDLER_ERROR = 1
-    TIMEOUT = 2
-    WORKER_LOST = 3
-    OVERLOADED = 4
-    SHUTDOWN = 5
-
-
-Callback = Callable[[Outcome, bytes], None]
+Callback = Callable[[Status, bytes], None]
 
 
 class Job:
@@ -164,7 +153,7 @@ class Dispatcher:
         if not slot.doomed:
             log.warning("worker %d exited unexpectedly (code %d)", pid, code)
         if slot.job is not None:
-            self._finish(slot.job, Outcome.WORKER_LOST, b"worker lost")
+            self._finish(slot.job, Status.WORKER_LOST, b"the worker running the request died")
         self._notify()
 
     def retire(self) -> None:
@@ -173,7 +162,7 @@ class Dispatcher:
         for slot in self._workers.values():
             slot.doomed = True
 
-    def fail_all(self, outcome: Outcome, message: bytes) -> None:
+    def fail_all(self, outcome: Status, message: bytes) -> None:
         """End every queued and running job with `outcome` (used at shutdown)."""
         while self._pending:
             self._finish(self._pending.popleft(), outcome, message)
@@ -232,7 +221,7 @@ class Dispatcher:
         while self._idle and self._pending:
             self._send(self._idle.popleft(), self._pending.popleft())
 
-    def _finish(self, job: Job, outcome: Outcome, data: bytes) -> None:
+    def _finish(self, job: Job, outcome: Status, data: bytes) -> None:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
@@ -258,7 +247,7 @@ class Dispatcher:
         log.warning(
             "job ran past the %.3gs timeout in worker %d; killing it", self.timeout, slot.pid
         )
-        self._finish(job, Outcome.TIMEOUT, b"timeout")
+        self._finish(job, Status.TIMEOUT, b"request ran past the server's timeout")
         self._kill(slot.pid)
 
     # -- workers ---------------------------------------------------------------
@@ -317,9 +306,9 @@ class Dispatcher:
                 return
             slot.job = None
             if kind == wp.DONE:
-                self._finish(job, Outcome.OK, frames[3])
+                self._finish(job, Status.OK, frames[3])
             else:
-                self._finish(job, Outcome.HANDLER_ERROR, frames[3])
+                self._finish(job, Status.HANDLER_ERROR, frames[3])
             self._became_idle(slot)
         elif kind == wp.READY:
             info = wp.parse_ready(frames[2])

@@ -29,9 +29,9 @@ from typing import Any
 import zmq
 
 from .consumer import Consumer, Handler, as_consumer
-from .dispatcher import Dispatcher, Outcome
+from .dispatcher import Dispatcher
 from .errors import StartupError
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, Status
 from .server import Limits, Server
 from .supervisor import SupervisorLink
 from .worker import EXIT_BOOT_ERROR
@@ -84,6 +84,8 @@ class Producer:
         max_connections: int = 1024,
         read_timeout: float = 30.0,
         write_timeout: float = 30.0,
+        max_pipeline: int = 128,
+        idle_timeout: float = 300.0,
         grace: float = 30.0,
         use_uvloop: bool | None = None,
     ) -> None:
@@ -91,6 +93,8 @@ class Producer:
             raise ValueError("processes must be at least 1")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if not 0 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
+            raise ValueError(f"max_message_size must be between 0 and {MAX_MESSAGE_SIZE_LIMIT}")
         self.consumer = as_consumer(consumer)
         self.host = host
         self.port = port
@@ -99,7 +103,14 @@ class Producer:
         self.max_queue = max_queue
         self.grace = grace
         self.use_uvloop = use_uvloop
-        self.limits = Limits(max_message_size, max_connections, read_timeout, write_timeout)
+        self.limits = Limits(
+            max_message_size,
+            max_connections,
+            read_timeout,
+            write_timeout,
+            max_pipeline=max_pipeline,
+            idle_timeout=idle_timeout,
+        )
         self.state = NEW
         self.address: tuple[str, int] | None = None
         self._lock = threading.Lock()
@@ -233,7 +244,7 @@ class Producer:
         if self._stop_event is not None and self._stop_event.is_set():
             log.warning("%s again: failing requests in flight now", signal.Signals(sig).name)
             if self._dispatcher is not None:
-                self._dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+                self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
             return
         log.info("%s: stopping", signal.Signals(sig).name)
         self._request_stop(None)
@@ -339,7 +350,7 @@ class Producer:
         finished = await dispatcher.wait_for(lambda: dispatcher.outstanding == 0, grace)
         if not finished:
             log.warning("grace period over; failing %d requests", dispatcher.outstanding)
-            dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+            dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
         # Replies are written; give them a bounded moment to reach the clients.
         if not await server.wait_closed(self.limits.write_timeout):
             server.abort_all()
@@ -354,7 +365,7 @@ class Producer:
             self._server.stop_accepting()
             self._server.abort_all()
         if self._dispatcher is not None:
-            self._dispatcher.fail_all(Outcome.SHUTDOWN, b"shutting down")
+            self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
             self._dispatcher.retire()
         code = await link.stop(term_timeout=5.0)
         if code != 0:

@@ -1,32 +1,51 @@
-"""Wire protocol v1, without I/O.
+"""Wire protocols v1 and v2, without I/O.
 
-A request is a 4-byte unsigned big-endian length followed by that many bytes.
-The reply is the reply bytes; the server then closes the connection (or resets
-it when the request failed).
+v1 (gaspar 1.0's): a request is a 4-byte unsigned big-endian length followed
+by that many bytes; the reply is the reply bytes, after which the server closes
+the connection (or resets it when the request failed).
 
-This module only turns bytes into messages and messages into bytes, so the
-server, every client and a fuzzer can share it.  Rules it keeps:
+v2 (opt-in, same port): the client opens with :data:`MAGIC_V2`, four bytes no
+v1 client can send (as a length they exceed any allowed limit), then sends
+framed requests, each with an id; replies carry the id and a status and come
+back in completion order.  docs/protocol.md specifies both byte by byte.
+
+This module only turns bytes into events and events into bytes, so the server,
+every client and a fuzzer share it.  Rules it keeps:
 
 1. A declared length is checked against the limit before any byte of the
    payload is buffered, so a 4-byte header cannot make us allocate 4 GiB.
-2. Buffering is linear: chunks are appended once and joined once, never
-   re-sliced per chunk, so a client trickling one byte at a time costs O(n).
-3. A reader is single-use: one request per connection, as in v1.
+2. Buffering is linear: data is appended once and consumed from the front of
+   one buffer, never re-sliced per chunk, so trickled input costs O(n).
+3. A v1 reader is single-use: one request per connection.
+4. An oversized v2 request is skipped without being buffered, and answered
+   with TOO_LARGE; the connection stays usable.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "HEADER_SIZE",
+    "MAGIC_V2",
     "MAX_LENGTH",
+    "MAX_MESSAGE_SIZE_LIMIT",
     "LimitExceeded",
     "ProtocolError",
+    "Refused",
+    "Reply",
     "ReplyReader",
+    "ReplyReaderV2",
+    "Request",
     "RequestReader",
+    "ServerReader",
+    "Status",
     "pack",
+    "pack_reply_v2",
+    "pack_request_v2",
     "to_bytes",
 ]
 
@@ -34,6 +53,50 @@ HEADER = struct.Struct("!I")
 HEADER_SIZE = HEADER.size
 MAX_LENGTH = 0xFFFFFFFF
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+MAGIC_V2 = b"\xffGS\x02"
+# max_message_size may not reach the preamble's value read as a v1 length.
+MAX_MESSAGE_SIZE_LIMIT = 0x7FFFFFFF
+REQUEST_V2 = struct.Struct("!II")  # request id, payload length
+REPLY_V2 = struct.Struct("!IBI")  # request id, status, body length
+MAX_REQUEST_ID = 0xFFFFFFFF
+
+
+class Status(enum.IntEnum):
+    """How a request ended; carried in every v2 reply."""
+
+    OK = 0
+    HANDLER_ERROR = 1
+    TIMEOUT = 2
+    WORKER_LOST = 3
+    OVERLOADED = 4
+    TOO_LARGE = 5
+    BAD_REQUEST = 6
+    SHUTTING_DOWN = 7
+
+
+class Request(NamedTuple):
+    """A complete request (v1 requests have id 0)."""
+
+    id: int
+    payload: bytes
+
+
+class Refused(NamedTuple):
+    """A v2 request refused while parsing; the server answers `status` for `id`."""
+
+    id: int
+    status: Status
+    message: str
+
+
+class Reply(NamedTuple):
+    """A v2 reply: the payload when status is OK, an error message otherwise."""
+
+    id: int
+    status: Status
+    body: bytes
+
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -158,3 +221,140 @@ class ReplyReader:
     def finish(self) -> bytes:
         """Return the reply once the server has closed the stream."""
         return b"".join(self._chunks)
+
+
+def pack_request_v2(request_id: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """Frame one v2 request."""
+    return REQUEST_V2.pack(request_id, len(payload)) + payload
+
+
+def pack_reply_v2(request_id: int, status: Status, body: bytes | bytearray | memoryview) -> bytes:
+    """Frame one v2 reply."""
+    return REPLY_V2.pack(request_id, status, len(body)) + body
+
+
+class ServerReader:
+    """The server's parser for a connection of either version.
+
+    The first four bytes decide: :data:`MAGIC_V2` makes it a v2 connection,
+    anything else is a v1 length.  :meth:`feed` returns the events that the
+    new data completes: :class:`Request` and, in v2, :class:`Refused`.
+    """
+
+    __slots__ = ("_buf", "_skip", "_v1", "max_message_size", "version")
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self.version = 0  # unknown until four bytes have arrived
+        self._v1: RequestReader | None = None
+        self._buf = bytearray()
+        self._skip = 0
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a request (or of the preamble) is buffered or being skipped."""
+        if self.version == 1:
+            assert self._v1 is not None
+            return self._v1.started and not self._v1.done
+        return bool(self._buf) or self._skip > 0
+
+    def feed(self, data: bytes) -> list[Request | Refused]:
+        """Consume `data`; raise ProtocolError (v1 only) when the stream is unusable."""
+        if self.version == 1:
+            assert self._v1 is not None
+            payload = self._v1.feed(data)
+            return [] if payload is None else [Request(0, payload)]
+        if self.version == 0:
+            if not self._buf and len(data) >= HEADER_SIZE and data[:HEADER_SIZE] != MAGIC_V2:
+                return self._become_v1(data)
+            self._buf += data
+            if len(self._buf) < HEADER_SIZE:
+                return []
+            if self._buf[:HEADER_SIZE] != MAGIC_V2:
+                data, self._buf = bytes(self._buf), bytearray()
+                return self._become_v1(data)
+            self.version = 2
+            del self._buf[:HEADER_SIZE]
+            data = b""
+        return self._feed_v2(data)
+
+    def _become_v1(self, data: bytes) -> list[Request | Refused]:
+        self.version = 1
+        self._v1 = RequestReader(self.max_message_size)
+        payload = self._v1.feed(data)
+        return [] if payload is None else [Request(0, payload)]
+
+    def _feed_v2(self, data: bytes) -> list[Request | Refused]:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        buf = self._buf
+        buf += data
+        events: list[Request | Refused] = []
+        pos, end = 0, len(buf)
+        while end - pos >= REQUEST_V2.size:
+            request_id, length = REQUEST_V2.unpack_from(buf, pos)
+            if length > self.max_message_size:
+                events.append(
+                    Refused(
+                        request_id,
+                        Status.TOO_LARGE,
+                        f"request of {length} bytes exceeds the limit of "
+                        f"{self.max_message_size} bytes",
+                    )
+                )
+                pos += REQUEST_V2.size
+                dropped = min(length, end - pos)
+                pos += dropped
+                self._skip = length - dropped
+                continue
+            start = pos + REQUEST_V2.size
+            if end - start < length:
+                break
+            events.append(Request(request_id, bytes(buf[start : start + length])))
+            pos = start + length
+        del buf[:pos]
+        return events
+
+
+class ReplyReaderV2:
+    """The client's parser for a v2 connection: the server's preamble, then replies."""
+
+    __slots__ = ("_buf", "greeted", "max_reply_size")
+
+    def __init__(self, max_reply_size: int | None = None) -> None:
+        self.max_reply_size = max_reply_size
+        self.greeted = False
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """Consume `data`; raise ProtocolError or LimitExceeded on a broken stream."""
+        buf = self._buf
+        buf += data
+        pos, end = 0, len(buf)
+        if not self.greeted:
+            if end < HEADER_SIZE:
+                if MAGIC_V2[:end] != bytes(buf):
+                    raise ProtocolError("the server does not speak protocol v2")
+                return []
+            if buf[:HEADER_SIZE] != MAGIC_V2:
+                raise ProtocolError("the server does not speak protocol v2")
+            self.greeted = True
+            pos = HEADER_SIZE
+        replies: list[Reply] = []
+        while end - pos >= REPLY_V2.size:
+            request_id, status, length = REPLY_V2.unpack_from(buf, pos)
+            if self.max_reply_size is not None and length > self.max_reply_size:
+                raise LimitExceeded(length, self.max_reply_size)
+            start = pos + REPLY_V2.size
+            if end - start < length:
+                break
+            try:
+                code = Status(status)
+            except ValueError:
+                raise ProtocolError(f"unknown reply status {status}") from None
+            replies.append(Reply(request_id, code, bytes(buf[start : start + length])))
+            pos = start + length
+        del buf[:pos]
+        return replies

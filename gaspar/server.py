@@ -1,10 +1,11 @@
-"""The asyncio TCP front end: reads v1 requests, writes replies.
+"""The asyncio TCP front end: reads requests, writes replies, for v1 and v2.
 
-Each connection is a small state machine (reading, waiting, writing) driven
-by :class:`gaspar.protocol.RequestReader`.  No handler code runs here: a
-complete request goes to the dispatcher and the connection waits for its
-outcome.  A failed request ends with a reset (RST), so a v1 client reading to
-EOF sees an error instead of an empty reply.
+Each connection is parsed by :class:`gaspar.protocol.ServerReader`, which
+decides from the first four bytes whether it speaks v1 (one request, the reply,
+close; a reset on failure) or v2 (a preamble, then many framed requests with
+ids, answered in completion order with a status each).  No handler code runs
+here: a complete request goes to the dispatcher, and the connection writes
+whatever outcome comes back.
 """
 
 from __future__ import annotations
@@ -15,14 +16,27 @@ import logging
 import socket
 import struct
 import time
+from functools import partial
 from typing import cast
 
-from .dispatcher import Dispatcher, Job, Outcome
-from .protocol import LimitExceeded, ProtocolError, RequestReader
+from .dispatcher import Dispatcher, Job
+from .protocol import (
+    MAGIC_V2,
+    REPLY_V2,
+    LimitExceeded,
+    ProtocolError,
+    Refused,
+    Request,
+    ServerReader,
+    Status,
+    pack_reply_v2,
+)
 
 log = logging.getLogger("gaspar.server")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Replies at least this large are written as header and body, not concatenated.
+_SPLIT_WRITE = 64 * 1024
 
 READING, WAITING, WRITING, CLOSED = range(4)
 
@@ -60,7 +74,14 @@ class Throttled:
 class Limits:
     """Per-connection bounds that the server enforces."""
 
-    __slots__ = ("max_connections", "max_message_size", "read_timeout", "write_timeout")
+    __slots__ = (
+        "idle_timeout",
+        "max_connections",
+        "max_message_size",
+        "max_pipeline",
+        "read_timeout",
+        "write_timeout",
+    )
 
     def __init__(
         self,
@@ -68,11 +89,15 @@ class Limits:
         max_connections: int,
         read_timeout: float,
         write_timeout: float,
+        max_pipeline: int = 128,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.max_message_size = max_message_size
         self.max_connections = max_connections
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
+        self.max_pipeline = max_pipeline
+        self.idle_timeout = idle_timeout
 
 
 class Server:
@@ -81,7 +106,7 @@ class Server:
     def __init__(self, dispatcher: Dispatcher, limits: Limits) -> None:
         self.dispatcher = dispatcher
         self.limits = limits
-        self.connections: set[V1Connection] = set()
+        self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
@@ -94,19 +119,18 @@ class Server:
         """Bind and start accepting; return the bound (host, port)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: V1Connection(self), host, port, backlog=backlog, reuse_address=True
+            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
     def stop_accepting(self) -> None:
-        """Close the listening socket and drop connections with no complete request."""
+        """Close the listening socket; take no new requests on open connections."""
         self.draining = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.state == READING:
-                conn.fail()
+            conn.drain()
 
     async def wait_closed(self, timeout: float) -> bool:
         """Wait until every connection has closed; False if some were still open."""
@@ -124,24 +148,41 @@ class Server:
         for conn in list(self.connections):
             conn.fail()
 
-    def forget(self, conn: V1Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._all_closed is not None and not self._all_closed.done():
             self._all_closed.set_result(None)
 
 
-class V1Connection(asyncio.Protocol):
-    """One v1 connection: one request in, one reply (or a reset) out."""
+class Connection(asyncio.Protocol):
+    """One client connection, v1 or v2 as its first bytes decide."""
 
-    __slots__ = ("job", "reader", "server", "state", "timer", "transport")
+    __slots__ = (
+        "closing",
+        "greeted",
+        "job",
+        "jobs",
+        "reader",
+        "server",
+        "state",
+        "timer",
+        "timer_kind",
+        "transport",
+    )
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.state = READING
-        self.reader = RequestReader(server.limits.max_message_size)
+        self.reader = ServerReader(server.limits.max_message_size)
         self.transport: asyncio.Transport | None = None
-        self.job: Job | None = None
+        self.job: Job | None = None  # v1: the one request
+        self.jobs: dict[int, Job] = {}  # v2: requests in flight, by id
+        self.closing = False  # v2: answer what is in flight, then close
+        self.greeted = False  # v2: our preamble is sent
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_kind = ""
+
+    # -- asyncio callbacks -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -154,9 +195,7 @@ class V1Connection(asyncio.Protocol):
             reset(transport)
             return
         server.connections.add(self)
-        self.timer = asyncio.get_running_loop().call_later(
-            server.limits.read_timeout, self._timed_out
-        )
+        self._set_timer("read", server.limits.read_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.state != READING:
@@ -164,8 +203,9 @@ class V1Connection(asyncio.Protocol):
                 log.info("bytes after a complete v1 request; dropping the connection")
                 self.fail()
             return
+        reader = self.reader
         try:
-            payload = self.reader.feed(data)
+            events = reader.feed(data)
         except LimitExceeded as exc:
             log.info("refused: %s", exc)
             self.fail()
@@ -174,30 +214,41 @@ class V1Connection(asyncio.Protocol):
             log.info("protocol error: %s", exc)
             self.fail()
             return
-        if payload is None:
-            return
-        self._cancel_timer()
-        self.state = WAITING
-        self.job = self.server.dispatcher.submit(payload, self._on_outcome)
-        if self.job is None:
-            self.server.queue_full(self.server.dispatcher.max_queue)
-            self.fail()
+        if reader.version == 2:
+            self._v2_received(events)
+        elif events:
+            (request,) = events
+            assert isinstance(request, Request)
+            self._v1_request(request.payload)
 
     def eof_received(self) -> bool:
+        if self.reader.version == 2:
+            self.closing = True
+            self._v2_maybe_close()
+            return True
         if self.state == WAITING:
-            return True  # a half-close after a complete request: keep the reply path open
-        if self.state == READING and self.reader.started:
+            return True  # a half-close after a complete v1 request: the reply can still go
+        if self.state == READING and self.reader.in_frame:
             log.info("client closed mid-request")
         self.fail()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self.job is not None:
-            self.server.dispatcher.cancel(self.job)
-            self.job = None
+        self._cancel_jobs()
         self.state = CLOSED
         self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        # The client is not taking its replies: stop taking its requests.
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.state == READING and not self.closing:
+            self.transport.resume_reading()
+
+    # -- control -----------------------------------------------------------------
 
     def fail(self) -> None:
         """End this connection with a reset."""
@@ -205,17 +256,37 @@ class V1Connection(asyncio.Protocol):
             return
         self.state = CLOSED
         self._cancel_timer()
-        if self.job is not None:
-            self.server.dispatcher.cancel(self.job)
-            self.job = None
+        self._cancel_jobs()
         assert self.transport is not None
         reset(self.transport)
 
-    def _on_outcome(self, outcome: Outcome, data: bytes) -> None:
+    def drain(self) -> None:
+        """The server is stopping: finish what this connection has started, take nothing new."""
+        if self.state == CLOSED:
+            return
+        if self.reader.version == 2:
+            self.closing = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._v2_maybe_close()
+        elif self.state == READING:
+            self.fail()
+
+    # -- v1 ----------------------------------------------------------------------
+
+    def _v1_request(self, payload: bytes) -> None:
+        self._cancel_timer()
+        self.state = WAITING
+        self.job = self.server.dispatcher.submit(payload, self._v1_outcome)
+        if self.job is None:
+            self.server.queue_full(self.server.dispatcher.max_queue)
+            self.fail()
+
+    def _v1_outcome(self, status: Status, data: bytes) -> None:
         self.job = None
         if self.state != WAITING:
             return
-        if outcome is not Outcome.OK:
+        if status is not Status.OK:
             self.fail()
             return
         transport = self.transport
@@ -224,16 +295,109 @@ class V1Connection(asyncio.Protocol):
         transport.write(data)
         transport.close()
         if transport.get_write_buffer_size():
-            self.timer = asyncio.get_running_loop().call_later(
-                self.server.limits.write_timeout, self._timed_out
-            )
+            self._set_timer("write", self.server.limits.write_timeout)
 
-    def _timed_out(self) -> None:
-        self.timer = None
-        log.info("client too slow; dropping the connection")
-        self.fail()
+    # -- v2 ----------------------------------------------------------------------
+
+    def _v2_received(self, events: list[Request | Refused]) -> None:
+        assert self.transport is not None
+        if not self.greeted:
+            self.greeted = True
+            self.transport.write(MAGIC_V2)
+            self._cancel_timer()  # the v1 whole-request deadline no longer applies
+        server, dispatcher = self.server, self.server.dispatcher
+        for event in events:
+            if self.state == CLOSED:
+                return
+            rid = event.id
+            if isinstance(event, Refused):
+                self._v2_reply(rid, event.status, event.message.encode())
+            elif rid in self.jobs:
+                self._v2_reply(rid, Status.BAD_REQUEST, b"request id already in flight")
+            elif self.closing or server.draining:
+                self._v2_reply(rid, Status.SHUTTING_DOWN, b"server stopping")
+            elif len(self.jobs) >= server.limits.max_pipeline:
+                self._v2_reply(rid, Status.OVERLOADED, b"too many requests in flight")
+            else:
+                job = dispatcher.submit(event.payload, partial(self._v2_outcome, rid))
+                if job is None:
+                    server.queue_full(dispatcher.max_queue)
+                    self._v2_reply(rid, Status.OVERLOADED, b"server queue full")
+                else:
+                    self.jobs[rid] = job
+        self._v2_timers(progress=bool(events))
+
+    def _v2_outcome(self, rid: int, status: Status, data: bytes) -> None:
+        self.jobs.pop(rid, None)
+        if self.state == CLOSED:
+            return
+        self._v2_reply(rid, status, data)
+        if self.closing:
+            self._v2_maybe_close()
+        else:
+            self._v2_timers()
+
+    def _v2_reply(self, rid: int, status: Status, body: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        if len(body) >= _SPLIT_WRITE:
+            transport.writelines([REPLY_V2.pack(rid, status, len(body)), body])
+        else:
+            transport.write(pack_reply_v2(rid, status, body))
+
+    def _v2_maybe_close(self) -> None:
+        if self.jobs or self.state == CLOSED:
+            return
+        assert self.transport is not None
+        self.state = WRITING
+        self._cancel_timer()
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self._set_timer("write", self.server.limits.write_timeout)
+
+    def _v2_timers(self, progress: bool = False) -> None:
+        """A frame must arrive whole within read_timeout; an idle connection times out."""
+        limits = self.server.limits
+        if self.reader.in_frame:
+            if self.timer_kind != "frame" or progress:
+                self._set_timer("frame", limits.read_timeout)
+        elif self.jobs:
+            self._cancel_timer()
+        elif self.timer_kind != "idle":
+            self._set_timer("idle", limits.idle_timeout)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _set_timer(self, kind: str, delay: float) -> None:
+        self._cancel_timer()
+        self.timer_kind = kind
+        self.timer = asyncio.get_running_loop().call_later(delay, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.timer_kind = ""
+
+    def _timed_out(self) -> None:
+        kind = self.timer_kind
+        self.timer = None
+        self.timer_kind = ""
+        if kind == "idle":
+            log.debug("idle v2 connection closed")
+            assert self.transport is not None
+            self.state = CLOSED
+            self.transport.close()
+            return
+        log.info("client too slow (%s timeout); dropping the connection", kind)
+        self.fail()
+
+    def _cancel_jobs(self) -> None:
+        dispatcher = self.server.dispatcher
+        if self.job is not None:
+            dispatcher.cancel(self.job)
+            self.job = None
+        if self.jobs:
+            jobs, self.jobs = self.jobs, {}
+            for job in jobs.values():
+                dispatcher.cancel(job)
