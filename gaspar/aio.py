@@ -219,7 +219,7 @@ class AsyncClient:
         """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
         from .app import decode_result, encode_call
 
-        return decode_result(await self.request(encode_call(name, args, kwargs)))
+        return decode_result(await self.request(encode_call(name, args, kwargs)), name)
 
     async def close(self) -> None:
         """Close every connection; requests still waiting fail with ConnectionFailed."""

@@ -225,7 +225,7 @@ class Client:
         """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
         from .app import decode_result, encode_call
 
-        return decode_result(self.request(encode_call(name, args, kwargs)))
+        return decode_result(self.request(encode_call(name, args, kwargs)), name)
 
     def close(self) -> None:
         """Close the pooled connections; calls after this open none."""
