@@ -89,14 +89,18 @@ def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
 T = TypeVar("T")
 
 
-def _translate(where: str, call: Callable[[], T]) -> T:
-    """Run `call`, turning socket and framing errors into RequestFailed subclasses."""
+def _translate(where: str, call: Callable[[], T], reset: type[RequestFailed] = RequestFailed) -> T:
+    """Run `call`, turning socket and framing errors into RequestFailed subclasses.
+
+    A reset is how v1 reports a failed request (RequestFailed); in v2, where
+    failures are replies, it means the connection broke (ConnectionFailed).
+    """
     try:
         return call()
     except TimeoutError as exc:
         raise RequestTimeout(f"{where}: no reply in time") from exc
     except ConnectionResetError as exc:
-        raise RequestFailed(f"{where}: the server reset the connection") from exc
+        raise reset(f"{where}: the server reset the connection") from exc
     except LimitExceeded as exc:
         raise MessageTooLarge(f"{where}: reply too large: {exc}") from exc
     except ProtocolError as exc:
@@ -212,7 +216,9 @@ class Client:
         deadline = _Deadline(self.timeout if timeout is None else timeout, self.where)
         conn = self._checkout(deadline)
         try:
-            status, body = _translate(self.where, lambda: conn.exchange(data, deadline))
+            status, body = _translate(
+                self.where, lambda: conn.exchange(data, deadline), ConnectionFailed
+            )
         except BaseException:
             conn.close()
             raise

@@ -1,0 +1,338 @@
+"""The v2 clients: blocking `Client`, `gaspar.aio`, typed errors, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import gaspar
+from gaspar import aio
+from gaspar.client import Client, request
+from tests import handlers
+from tests.conftest import wait_until
+
+
+@pytest.fixture
+def producer(serve) -> gaspar.Producer:
+    return serve(handlers.behave, processes=2, timeout=1.0, max_message_size=1000)
+
+
+class FakeServer:
+    """A listening socket whose connections are handled by `behaviour` in a thread."""
+
+    def __init__(self, behaviour) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.address = self.listener.getsockname()
+        self.behaviour = behaviour
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.listener.accept()
+                with conn:
+                    self.behaviour(conn)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[list[FakeServer]]:
+    servers: list[FakeServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def v1_only_echo(conn: socket.socket) -> None:
+    """An original-protocol server: reads a length and that many bytes, echoes, closes."""
+    data = b""
+    while len(data) < 4:
+        data += conn.recv(4 - len(data))
+    (length,) = struct.unpack("!I", data)
+    payload = b""
+    while len(payload) < min(length, 1 << 20):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        payload += chunk
+    conn.sendall(payload)
+
+
+def read_then_close(conn: socket.socket) -> None:
+    conn.recv(1000)  # the request arrives; the server goes away without a reply
+
+
+def read_then_reset(conn: socket.socket) -> None:
+    conn.recv(1000)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# -- blocking Client ---------------------------------------------------------
+
+
+def test_client_reuses_its_connection(producer) -> None:
+    with Client(producer.address) as client:
+        for i in range(50):
+            assert client.request(b"echo:%d" % i) == b"%d" % i
+        assert len(client._idle) == 1
+        conn = client._idle[0]
+        client.request(b"echo:again")
+        assert client._idle == [conn]
+
+
+def test_client_typed_errors(producer) -> None:
+    with Client(producer.address, timeout=10) as client:
+        with pytest.raises(gaspar.HandlerError) as info:
+            client.request(b"raise:bad thing")
+        assert info.value.remote_type == "ValueError"
+        assert info.value.remote_message == "bad thing"
+        with pytest.raises(gaspar.RequestTimeout):
+            client.request(b"spin")
+        with pytest.raises(gaspar.WorkerLost):
+            client.request(b"kill")
+        with pytest.raises(gaspar.MessageTooLarge):
+            client.request(b"x" * 1001)
+        assert client.request(b"echo:fine") == b"fine"
+    with pytest.raises(gaspar.HandlerError):
+        request(producer.address, b"raise:one-shot", protocol="v2", timeout=10)
+    with pytest.raises(ValueError):
+        request(producer.address, b"x", protocol="v3")
+
+
+def test_client_overloaded_and_shutting_down(serve) -> None:
+    busy = serve(handlers.behave, processes=1, max_queue=0)
+    with Client(busy.address, timeout=10) as client:
+        worker = threading.Thread(target=client.request, args=(b"sleep:0.5",))
+        worker.start()
+        assert wait_until(lambda: busy._dispatcher.outstanding == 1, timeout=10)
+        with pytest.raises(gaspar.Overloaded):
+            client.request(b"echo:no room")
+        worker.join(10)
+
+
+def test_client_timeout_closes_the_connection_and_recovers(producer) -> None:
+    with Client(producer.address) as client:
+        started = time.monotonic()
+        with pytest.raises(gaspar.RequestTimeout):
+            client.request(b"sleep:0.8", timeout=0.2)
+        assert time.monotonic() - started < 2
+        assert client._idle == []  # its reply may still come: never reuse that socket
+        assert client.request(b"echo:next", timeout=10) == b"next"
+
+
+def test_client_replaces_a_connection_the_server_closed(serve) -> None:
+    producer = serve(handlers.behave, processes=1, idle_timeout=0.2)
+    with Client(producer.address, timeout=10) as client:
+        assert client.request(b"echo:1") == b"1"
+        (conn,) = client._idle
+        assert wait_until(lambda: not conn.usable(), timeout=10)  # server closed it
+        assert client.request(b"echo:2") == b"2"
+        assert client._idle != [conn]
+
+
+def test_client_shared_by_threads(producer) -> None:
+    results: dict[int, bytes] = {}
+    with Client(producer.address, timeout=20, pool_size=4) as client:
+
+        def work(n: int) -> None:
+            for i in range(20):
+                results[n * 100 + i] = client.request(b"echo:%d" % (n * 100 + i))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(client._idle) <= 4
+    assert results == {k: b"%d" % k for k in results} and len(results) == 160
+
+
+def test_server_going_away_mid_request_is_a_clear_error(fake) -> None:
+    fake.append(FakeServer(read_then_close))
+    started = time.monotonic()
+    with pytest.raises(gaspar.ConnectionFailed), Client(fake[0].address) as client:
+        client.request(b"x", timeout=10)
+    # In v1 a plain close is an empty reply; a server that dies resets instead.
+    assert request(fake[0].address, b"x", timeout=10) == b""
+    fake.append(FakeServer(read_then_reset))
+    with pytest.raises(gaspar.RequestFailed):
+        request(fake[1].address, b"x", timeout=10)
+    with pytest.raises(gaspar.ConnectionFailed), Client(fake[1].address) as client:
+        client.request(b"x", timeout=10)
+    assert time.monotonic() - started < 5
+
+
+def test_one_shot_requests_speak_v1_to_an_original_server(fake) -> None:
+    fake.append(FakeServer(v1_only_echo))
+    assert request(fake[0].address, b"plain v1", timeout=10) == b"plain v1"
+    assert asyncio.run(aio.request(fake[0].address, b"aio v1", timeout=10)) == b"aio v1"
+    # v2 against it cannot work; it must fail within the timeout, not hang.
+    with pytest.raises(gaspar.RequestFailed), Client(fake[0].address, timeout=0.5) as client:
+        client.request(b"x")
+
+
+def test_connect_refused_is_connection_failed() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = s.getsockname()
+        with pytest.raises(gaspar.ConnectionFailed), Client(address) as client:
+            client.request(b"x", timeout=5)
+        with pytest.raises(gaspar.ConnectionFailed):
+            asyncio.run(aio.request(address, b"x", timeout=5))
+        with pytest.raises(gaspar.ConnectionFailed):
+            asyncio.run(_async_client_request(address))
+
+
+async def _async_client_request(address: tuple[str, int]) -> bytes:
+    async with aio.AsyncClient(address, timeout=5) as client:
+        return await client.request(b"x")
+
+
+# -- asyncio -----------------------------------------------------------------
+
+
+def test_aio_one_shot(producer) -> None:
+    async def main() -> None:
+        assert await aio.request(producer.address, b"echo:v1", timeout=10) == b"v1"
+        assert await aio.request(producer.address, b"echo:v2", protocol="v2") == b"v2"
+        with pytest.raises(gaspar.RequestFailed):
+            await aio.request(producer.address, b"raise:x", timeout=10)
+        with pytest.raises(gaspar.HandlerError):
+            await aio.request(producer.address, b"raise:x", timeout=10, protocol="v2")
+        with pytest.raises(gaspar.RequestTimeout):
+            await aio.request(producer.address, b"sleep:0.5", timeout=0.1)
+
+    asyncio.run(main())
+
+
+def test_async_client_pipelines_many_requests(producer) -> None:
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, timeout=30) as client:
+            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(1000)))
+            assert replies == [b"%d" % i for i in range(1000)]
+            assert len([c for c in client._slots if c is not None]) == 1
+
+    asyncio.run(main())
+
+
+def test_async_client_typed_errors_leave_it_usable(producer) -> None:
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, timeout=10) as client:
+            results = await asyncio.gather(
+                client.request(b"raise:r"),
+                client.request(b"spin"),
+                client.request(b"exit"),
+                client.request(b"y" * 2000),
+                client.request(b"echo:ok"),
+                return_exceptions=True,
+            )
+            kinds = [type(r) for r in results]
+            assert kinds == [
+                gaspar.HandlerError,
+                gaspar.RequestTimeout,
+                gaspar.WorkerLost,
+                gaspar.MessageTooLarge,
+                bytes,
+            ]
+            assert await client.request(b"echo:after") == b"after"
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_never_gets_delivered_to_another_caller(producer) -> None:
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, timeout=10) as client:
+            slow = asyncio.ensure_future(client.request(b"sleep:0.3"))
+            await asyncio.sleep(0.05)  # let it be sent; the test needs it in flight
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            (conn,) = [c for c in client._slots if c is not None]
+            assert len(conn.ids) == 1  # its id stays reserved until the late reply
+            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(50)))
+            assert replies == [b"%d" % i for i in range(50)]
+            # The late reply arrives and is dropped; the id is free again.
+            deadline = time.monotonic() + 10
+            while len(conn.ids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
+            assert len(conn.ids) == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_one_shot_closes_its_socket(producer) -> None:
+    async def main() -> None:
+        task = asyncio.ensure_future(aio.request(producer.address, b"sleep:0.5"))
+        assert await asyncio.to_thread(
+            wait_until, lambda: len(producer._server.connections) == 1, 10
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # The server sees the connection go: the client closed it on cancellation.
+    assert wait_until(lambda: len(producer._server.connections) == 0, timeout=10)
+
+
+def test_async_client_server_going_away(fake) -> None:
+    fake.append(FakeServer(read_then_close))
+
+    async def main() -> None:
+        async with aio.AsyncClient(fake[0].address, timeout=10) as client:
+            with pytest.raises(gaspar.ConnectionFailed):
+                await client.request(b"x")
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 5
+
+
+def test_async_client_reconnects_after_losing_its_connection(serve) -> None:
+    producer = serve(handlers.behave, processes=1, idle_timeout=0.2)
+
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, timeout=10) as client:
+            assert await client.request(b"echo:1") == b"1"
+            (conn,) = [c for c in client._slots if c is not None]
+            deadline = time.monotonic() + 10
+            while conn.lost is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
+            assert conn.lost is not None  # the server closed the idle connection
+            assert await client.request(b"echo:2") == b"2"
+
+    asyncio.run(main())
+
+
+def test_app_calls_through_both_clients(serve) -> None:
+    from tests.app_example import app
+
+    producer = serve(app, processes=1)
+    with Client(producer.address, timeout=10) as client:
+        assert client.call("echo", {"k": [1, b"b", "s"]}) == {"k": [1, b"b", "s"]}
+        assert client.call("kwargs", 1, timeout=3) == {"args": [1], "kwargs": {"timeout": 3}}
+        with pytest.raises(gaspar.UnknownTask):
+            client.call("no such task")
+        with pytest.raises(gaspar.HandlerError, match="boom"):
+            client.call("fail", "boom")
+
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, timeout=10) as client:
+            assert await client.call("add", 2, b=3) == 5
+            with pytest.raises(gaspar.BadArguments):
+                await client.call("add", 1)
+
+    asyncio.run(main())
