@@ -19,8 +19,7 @@ message:
 
 CODE is the exit code, or minus the signal number that ended the worker.
 Each side notices the other's death by EOF on that socket; workers notice the
-supervisor's death by EOF on a lifeline pipe and, on Linux, by a parent-death
-signal.
+supervisor's death by a parent-death signal (Linux) or by being reparented.
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ class Supervisor:
         self.next_spawn = 0.0
         self._inbox = b""
         self._wake_r, self._wake_w = os.pipe()
-        self._life_r, self._life_w = os.pipe()
 
     # -- main loop -------------------------------------------------------------
 
@@ -101,7 +99,7 @@ class Supervisor:
             code = worker.EXIT_ERROR
             try:
                 self._become_worker()
-                code = worker.main(self.consumer, self.endpoint, self._life_r)
+                code = worker.main(self.consumer, self.endpoint)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -218,7 +216,7 @@ class Supervisor:
         """Shed the supervisor's descriptors and signal set-up in a new worker."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (self._wake_r, self._wake_w, self._life_w):
+        for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self.control.close()
         _die_with_parent()

@@ -1,9 +1,10 @@
 """The worker process: runs the consumer's handler on jobs from the dispatcher.
 
 A worker is forked by the supervisor and builds its own ZeroMQ context after
-the fork.  It connects a DEALER to the dispatcher, runs ``setup()``, says
-READY, then answers one job at a time.  It leaves when its supervisor goes
-away (the lifeline pipe reaches EOF) or when it is sent SIGTERM.
+the fork.  It runs ``setup()``, connects a DEALER to the dispatcher, says
+READY, then answers one job at a time.  It leaves when it is sent SIGTERM, or
+when its supervisor goes away: on Linux the kernel kills it then (a
+parent-death signal); elsewhere it notices within ORPHAN_CHECK seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .consumer import Consumer
 
 log = logging.getLogger("gaspar.worker")
 
-# Payloads at least this large are sent without an extra copy.
-ZERO_COPY_THRESHOLD = 64 * 1024
+# Seconds between checks, while idle, that the supervisor still exists.
+ORPHAN_CHECK = 1.0
 
 
 def describe_error(exc: BaseException) -> str:
@@ -37,7 +38,7 @@ EXIT_ERROR = 1
 EXIT_BOOT_ERROR = 3
 
 
-def main(consumer: Consumer, endpoint: str, lifeline: int) -> int:
+def main(consumer: Consumer, endpoint: str) -> int:
     """Body of a freshly forked worker process; returns its exit code.
 
     SIGINT is ignored (a terminal's Ctrl-C reaches the whole process group and
@@ -52,43 +53,46 @@ def main(consumer: Consumer, endpoint: str, lifeline: int) -> int:
         log.error("setup() failed in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
         return EXIT_BOOT_ERROR
     try:
-        serve(consumer, endpoint, lifeline)
+        serve(consumer, endpoint)
     except Exception:
         log.critical("worker %d failed: %s", os.getpid(), traceback.format_exc().rstrip())
         return EXIT_ERROR
     return EXIT_OK
 
 
-def serve(consumer: Consumer, endpoint: str, lifeline: int) -> None:
-    """Answer jobs until the lifeline reaches EOF, which means the supervisor is gone."""
+def serve(consumer: Consumer, endpoint: str) -> None:
+    """Answer jobs until the supervisor that forked us is gone."""
+    parent = os.getppid()
     ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.linger = 1000
+    sock.rcvtimeo = int(ORPHAN_CHECK * 1000)
     sock.identity = b"%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(4)))
     sock.connect(endpoint)
     try:
-        sock.send_multipart([wp.READY, wp.ready_info()])
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(lifeline, zmq.POLLIN)
+        wp.send(sock, wp.READY, wp.job_id(0), wp.ready_info())
         while True:
-            events = dict(poller.poll())
-            if lifeline in events:
-                log.debug("supervisor gone; worker %d leaving", os.getpid())
-                return
-            if sock in events:
-                _answer(consumer, sock)
+            try:
+                first = sock.recv()
+            except zmq.Again:
+                if os.getppid() != parent:
+                    log.debug("supervisor gone; worker %d leaving", os.getpid())
+                    return
+                continue
+            _answer(consumer, sock, first)
     finally:
         sock.close(linger=1000)
         ctx.term()
 
 
-def _answer(consumer: Consumer, sock: zmq.Socket[bytes]) -> None:
-    frames = sock.recv_multipart()
-    if len(frames) != 3 or frames[0] != wp.JOB:
-        log.warning("worker %d: malformed job of %d frames dropped", os.getpid(), len(frames))
+def _answer(consumer: Consumer, sock: zmq.Socket[bytes], first: bytes) -> None:
+    try:
+        kind, jid, payload = wp.split(first, sock)
+        if kind != wp.JOB:
+            raise ValueError(f"unexpected message kind {kind!r}")
+    except ValueError as exc:
+        log.warning("worker %d dropped a malformed job: %s", os.getpid(), exc)
         return
-    _, jid, payload = frames
     try:
         reply = consumer.handle(payload)
         if not isinstance(reply, bytes | bytearray | memoryview | str):
@@ -96,7 +100,6 @@ def _answer(consumer: Consumer, sock: zmq.Socket[bytes]) -> None:
         data = reply.encode("utf-8") if isinstance(reply, str) else reply
     except Exception as exc:
         log.error("handler raised in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
-        sock.send_multipart([wp.FAILED, jid, describe_error(exc).encode("utf-8", "replace")])
+        wp.send(sock, wp.FAILED, jid, describe_error(exc).encode("utf-8", "replace")[:65536])
         return
-    size = data.nbytes if isinstance(data, memoryview) else len(data)
-    sock.send_multipart([wp.DONE, jid, data], copy=size < ZERO_COPY_THRESHOLD)
+    wp.send(sock, wp.DONE, jid, data)
