@@ -364,6 +364,7 @@ class Producer:
         if self._server is not None:
             self._server.stop_accepting()
             self._server.abort_all()
+            self._server.close()
         if self._dispatcher is not None:
             self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
             self._dispatcher.retire()

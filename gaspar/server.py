@@ -104,10 +104,13 @@ class Server:
     """Accepts connections and ties each to the dispatcher."""
 
     def __init__(self, dispatcher: Dispatcher, limits: Limits) -> None:
+        self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
         self.limits = limits
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = 1.0
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
         self.queue_full = Throttled(logging.WARNING, "queue full (max_queue=%d): refusing requests")
@@ -117,12 +120,29 @@ class Server:
 
     async def listen(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
         """Bind and start accepting; return the bound (host, port)."""
-        loop = asyncio.get_running_loop()
+        loop, limits = self.loop, self.limits
+        self._sweep_every = max(
+            0.01, min(1.0, limits.read_timeout, limits.write_timeout, limits.idle_timeout) / 4
+        )
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         self._server = await loop.create_server(
             lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
+
+    def _sweep(self) -> None:
+        """Drop connections past their deadline; runs every quarter of the shortest timeout."""
+        now = self.loop.time()
+        for conn in [c for c in self.connections if 0.0 < c.deadline <= now]:
+            conn._timed_out()
+        self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def close(self) -> None:
+        """Stop the sweep (the loop is about to close)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def stop_accepting(self) -> None:
         """Close the listening socket; take no new requests on open connections."""
@@ -165,7 +185,7 @@ class Connection(asyncio.Protocol):
         "reader",
         "server",
         "state",
-        "timer",
+        "deadline",
         "timer_kind",
         "transport",
     )
@@ -179,7 +199,7 @@ class Connection(asyncio.Protocol):
         self.jobs: dict[int, Job] = {}  # v2: requests in flight, by id
         self.closing = False  # v2: answer what is in flight, then close
         self.greeted = False  # v2: our preamble is sent
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time at which timer_kind expires; 0: none
         self.timer_kind = ""
 
     # -- asyncio callbacks -------------------------------------------------------
@@ -369,20 +389,17 @@ class Connection(asyncio.Protocol):
     # -- helpers -----------------------------------------------------------------
 
     def _set_timer(self, kind: str, delay: float) -> None:
-        self._cancel_timer()
+        # A deadline, checked by the server's sweep: cheaper than a timer each.
         self.timer_kind = kind
-        self.timer = asyncio.get_running_loop().call_later(delay, self._timed_out)
+        self.deadline = self.server.loop.time() + delay
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         self.timer_kind = ""
 
     def _timed_out(self) -> None:
         kind = self.timer_kind
-        self.timer = None
-        self.timer_kind = ""
+        self._cancel_timer()
         if kind == "idle":
             log.debug("idle v2 connection closed")
             assert self.transport is not None
