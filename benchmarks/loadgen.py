@@ -1,8 +1,9 @@
-"""A load generator for gaspar's wire protocol v1 (closed loop, one connection per request).
+"""A closed-loop load generator for gaspar's wire protocols v1 and v2.
 
 Usage as a script::
 
     python benchmarks/loadgen.py HOST:PORT --concurrency 64 --duration 5 --size 16 \\
+        [--protocol v1|v2] [--client raw|aio] [--connections 1] \\
         [--processes N] [--warmup 1] [--timeout 10] [--json]
 
 and as a module: :func:`run` returns the results as a dict.
@@ -10,27 +11,50 @@ and as a module: :func:`run` returns the results as a dict.
 Exactly ``concurrency`` requests are in flight at any time.  They are split
 over ``processes`` OS processes (started with multiprocessing's ``spawn``
 context, so that nothing of the caller is forked), each running one asyncio
-loop (uvloop when importable) with its share of client coroutines.  Each
-coroutine loops: connect, write ``pack(payload)``, read to EOF, check that the
-reply equals the payload (the server is expected to echo), record the latency
-with :func:`time.perf_counter`.  Every payload of 12 bytes or more carries a
-unique (coroutine, sequence) tag, so a reply delivered to the wrong connection
-counts as a mismatch.
+loop (uvloop when importable).  Closed loop: each reply triggers the next
+request, and each reply is checked against its request (the server is
+expected to echo).  Every payload of 12 bytes or more carries a unique
+(client, sequence) tag, so a reply delivered to the wrong request counts as a
+mismatch.  Four ways to send, by ``protocol`` and ``client``:
+
+- raw v1: each client coroutine loops: connect, write ``pack(payload)``, read
+  to EOF, check the reply.  One fresh connection per request.
+- raw v2: each process opens ``connections`` persistent connections (at most
+  one per request in flight), writes the preamble, and keeps its share of the
+  requests in flight on them, split evenly, from one asyncio Protocol per
+  connection (no coroutine per request).  A request's v2 id is its slot on
+  the connection; each reply (they come in completion order, matched by id)
+  is checked (status OK, body equal to the payload) and at once replaced by
+  the next request on that id; the replies of one read are answered with one
+  write.  The server's preamble is checked by
+  :class:`gaspar.protocol.ReplyReaderV2` before any reply is read.
+- aio v1: each client coroutine loops on
+  ``await gaspar.aio.request(address, payload, timeout=timeout)``.
+- aio v2: the client coroutines of a process share one
+  ``gaspar.aio.AsyncClient(address, connections=connections, timeout=timeout)``
+  and loop on ``await client.request(payload)``.
+
+The aio clients measure what gaspar's own asyncio client costs on top of the
+raw protocol.
 
 Timing: the processes start together on a "go" from the parent.  The first
 ``warmup`` seconds are not measured; a request counts when it completes inside
-the measured window of ``duration`` seconds that follows.  No new request
-starts after the window; requests still in flight get ``DRAIN_GRACE`` seconds
-and are then abandoned, so a run is bounded in time, and every connect and
-every reply wait has its own timeout as well.
+the measured window of ``duration`` seconds that follows, and its latency runs
+from its send (v2) or its connect (v1) to its reply.  No new request starts
+after the window; requests still in flight get ``DRAIN_GRACE`` seconds and are
+then abandoned, so a run is bounded in time.  Every connect and every reply
+wait has its own timeout as well: on a raw v2 connection, a request without a
+reply after ``timeout`` seconds fails every request on that connection, which
+is then replaced.
 
 Results: requests/s (requests completed OK inside the window / duration),
 latency percentiles (nearest rank, over the samples of every process), error
-counts by kind (reset, refused, timeout, mismatch, other), and the
-generator's own CPU time (user + sys, from ``resource.getrusage`` in each
-generator process, over the measured window) relative to the window's wall
-time.  ``cpu.busiest_process`` close to 1.0 (a full core) means the generator,
-not the server, is the bottleneck; add ``--processes`` or CPUs.
+counts by kind (reset, refused, timeout, mismatch, the v2 statuses by their
+lowercased :class:`gaspar.protocol.Status` name, other), and the generator's
+own CPU time (user + sys, from ``resource.getrusage`` in each generator
+process, over the measured window) relative to the window's wall time.
+``cpu.busiest_process`` close to 1.0 (a full core) means the generator, not
+the server, is the bottleneck; add ``--processes`` or CPUs.
 """
 
 from __future__ import annotations
@@ -48,22 +72,65 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
+from gaspar.aio import AsyncClient
+from gaspar.aio import request as aio_request
 from gaspar.client import parse_address
-from gaspar.protocol import pack
+from gaspar.errors import (
+    BadRequest,
+    HandlerError,
+    MessageTooLarge,
+    Overloaded,
+    RequestFailed,
+    RequestTimeout,
+    ShuttingDown,
+    WorkerLost,
+)
+from gaspar.protocol import (
+    MAGIC_V2,
+    LimitExceeded,
+    ProtocolError,
+    ReplyReaderV2,
+    Status,
+    pack,
+    pack_request_v2,
+)
 
-__all__ = ["DEFAULT_TIMEOUT", "ERROR_KINDS", "format_summary", "main", "run"]
+__all__ = [
+    "CLIENTS",
+    "DEFAULT_TIMEOUT",
+    "ERROR_KINDS",
+    "PROTOCOLS",
+    "format_summary",
+    "main",
+    "run",
+]
 
-ERROR_KINDS = ("reset", "refused", "timeout", "mismatch", "other")
+PROTOCOLS = ("v1", "v2")
+CLIENTS = ("raw", "aio")
+# v2 statuses other than OK, by lowercased name; TIMEOUT shares "timeout" with the client's own.
+_STATUS_KINDS: dict[Status, str] = {
+    status: status.name.lower() for status in Status if status is not Status.OK
+}
+ERROR_KINDS = (
+    "reset",
+    "refused",
+    "timeout",
+    "mismatch",
+    *(kind for kind in _STATUS_KINDS.values() if kind != "timeout"),
+    "other",
+)
 DEFAULT_TIMEOUT = 10.0
 # Seconds that requests in flight when the window closes get before they are abandoned.
 DRAIN_GRACE = 1.0
-# Seconds a coroutine pauses after a failed request, so a dead server is not hammered.
+# Seconds a client pauses after a failed request, so a dead server is not hammered.
 ERROR_BACKOFF = 0.01
+# Seconds between two checks of the raw v2 connections for requests past their timeout.
+WATCH_INTERVAL = 0.1
 # Seconds the generator processes get to start and report ready.
 START_TIMEOUT = 60.0
 # Seconds, beyond the run itself, that the parent waits for the processes' results.
@@ -71,7 +138,20 @@ RESULT_SLACK = 30.0
 # A reply may not exceed this many bytes beyond the request's size.
 REPLY_SLACK = 64 * 1024
 
-_TAG = struct.Struct("!IQ")  # coroutine id, sequence number
+_TAG = struct.Struct("!IQ")  # client id, sequence number
+
+# gaspar's exceptions for the v2 statuses, as the aio client raises them.
+_FAILURES: tuple[tuple[type[RequestFailed], Status], ...] = (
+    (HandlerError, Status.HANDLER_ERROR),
+    (RequestTimeout, Status.TIMEOUT),
+    (WorkerLost, Status.WORKER_LOST),
+    (Overloaded, Status.OVERLOADED),
+    (MessageTooLarge, Status.TOO_LARGE),
+    (BadRequest, Status.BAD_REQUEST),
+    (ShuttingDown, Status.SHUTTING_DOWN),
+)
+
+Exchange = Callable[[bytes], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -82,11 +162,18 @@ class _Plan:
     port: int
     family: int
     first_id: int
-    coroutines: int
+    coroutines: int  # requests in flight
     size: int
     warmup: float
     duration: float
     timeout: float
+    protocol: str = "v1"
+    client: str = "raw"
+    connections: int = 1  # v2: persistent connections of this process
+
+    @property
+    def reply_limit(self) -> int:
+        return self.size + REPLY_SLACK
 
 
 class _ReplyTooLarge(Exception):
@@ -96,13 +183,28 @@ class _ReplyTooLarge(Exception):
 class _Tally:
     """Counts of one generator process; its event loop is the only writer."""
 
-    __slots__ = ("details", "errors", "latencies", "warmup_errors")
+    __slots__ = ("details", "errors", "latencies", "t_end", "t_warm", "warmup_errors")
 
-    def __init__(self) -> None:
+    def __init__(self, t_warm: float, t_end: float) -> None:
+        self.t_warm = t_warm
+        self.t_end = t_end
         self.latencies: list[float] = []
         self.errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         self.details: dict[str, int] = {}
         self.warmup_errors = 0
+
+    def failed(self, kind: str, detail: str | None, finished: float, count: int = 1) -> None:
+        """Count `count` requests that failed at `finished`, if inside the window."""
+        if self.t_warm <= finished < self.t_end:
+            self.errors[kind] += count
+            if detail is not None:
+                key = f"{kind}: {detail}"
+                self.details[key] = self.details.get(key, 0) + count
+        elif finished < self.t_warm:
+            self.warmup_errors += count
+
+
+# -- v1, raw -----------------------------------------------------------------------
 
 
 class _Exchange(asyncio.Protocol):
@@ -168,13 +270,20 @@ async def _exchange(plan: _Plan, request: bytes, limit: int) -> bytes:
 
 def _classify(exc: BaseException) -> tuple[str, str | None]:
     """Map a failed exchange to an error kind and, for odd ones, a detail for the report."""
+    if isinstance(exc, RequestFailed):  # from gaspar.aio
+        for failure, status in _FAILURES:
+            if isinstance(exc, failure):
+                return _STATUS_KINDS[status], None
+        if exc.__cause__ is not None:  # ConnectionFailed, or a v1 reset
+            return _classify(exc.__cause__)
+        return "other", f"{type(exc).__name__}: {exc}"[:120]
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return "reset", None
     if isinstance(exc, ConnectionRefusedError):
         return "refused", None
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timeout", None
-    if isinstance(exc, _ReplyTooLarge):
+    if isinstance(exc, _ReplyTooLarge | LimitExceeded):
         return "mismatch", "reply too large"
     if isinstance(exc, OSError) and exc.errno:
         return "other", errno.errorcode.get(exc.errno, f"errno {exc.errno}")
@@ -192,11 +301,14 @@ def _payloads(size: int, ident: int) -> Iterator[bytes]:
         yield bytes(buf)
 
 
-async def _client(plan: _Plan, ident: int, tally: _Tally, t_warm: float, t_end: float) -> None:
+# -- one coroutine per request in flight: raw v1, aio v1, aio v2 ------------------------
+
+
+async def _client(ident: int, size: int, exchange: Exchange, tally: _Tally) -> None:
     """Issue requests back to back until the measured window closes."""
     perf = time.perf_counter
-    payloads = _payloads(plan.size, ident)
-    limit = plan.size + REPLY_SLACK
+    payloads = _payloads(size, ident)
+    t_end = tally.t_end
     while True:
         start = perf()
         if start >= t_end:
@@ -205,7 +317,7 @@ async def _client(plan: _Plan, ident: int, tally: _Tally, t_warm: float, t_end: 
         kind: str | None = None
         detail: str | None = None
         try:
-            reply = await _exchange(plan, pack(payload), limit)
+            reply = await exchange(payload)
         except Exception as exc:
             kind, detail = _classify(exc)
         else:
@@ -213,18 +325,287 @@ async def _client(plan: _Plan, ident: int, tally: _Tally, t_warm: float, t_end: 
                 kind = "mismatch"
                 detail = "empty reply" if not reply else "wrong reply"
         finished = perf()
-        if t_warm <= finished < t_end:
-            if kind is None:
+        if kind is None:
+            if tally.t_warm <= finished < t_end:
                 tally.latencies.append(finished - start)
-            else:
-                tally.errors[kind] += 1
-                if detail is not None:
-                    key = f"{kind}: {detail}"
-                    tally.details[key] = tally.details.get(key, 0) + 1
-        elif kind is not None and finished < t_warm:
-            tally.warmup_errors += 1
-        if kind is not None:
+        else:
+            tally.failed(kind, detail, finished)
             await asyncio.sleep(ERROR_BACKOFF)
+
+
+class _CoroutineLoad:
+    """`plan.coroutines` client coroutines, each with one request in flight."""
+
+    def __init__(self, plan: _Plan, tally: _Tally) -> None:
+        self.plan = plan
+        self.tally = tally
+        self.tasks: list[asyncio.Task[None]] = []
+        self.shared: AsyncClient | None = None
+
+    def start(self) -> None:
+        plan = self.plan
+        exchange: Exchange
+        if plan.client == "aio" and plan.protocol == "v2":
+            self.shared = AsyncClient(
+                (plan.host, plan.port), connections=plan.connections, timeout=plan.timeout
+            )
+            exchange = self.shared.request
+        elif plan.client == "aio":
+            address = (plan.host, plan.port)
+
+            async def exchange(payload: bytes) -> bytes:
+                return await aio_request(address, payload, timeout=plan.timeout)
+
+        else:
+            limit = plan.reply_limit
+
+            async def exchange(payload: bytes) -> bytes:
+                return await _exchange(plan, pack(payload), limit)
+
+        loop = asyncio.get_running_loop()
+        self.tasks = [
+            loop.create_task(_client(plan.first_id + i, plan.size, exchange, self.tally))
+            for i in range(plan.coroutines)
+        ]
+
+    async def drain(self, grace: float) -> None:
+        await asyncio.wait(self.tasks, timeout=grace)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                raise outcome  # a bug in this module, not a failed request
+
+
+# -- raw v2: pipelined requests on persistent connections --------------------------------
+
+
+class _Slot:
+    """One request in flight on a v2 connection; its index there is its request id."""
+
+    __slots__ = ("busy", "payload", "payloads", "start")
+
+    def __init__(self, size: int, ident: int) -> None:
+        self.payloads = _payloads(size, ident)
+        self.payload = b""
+        self.start = 0.0
+        self.busy = False
+
+
+class _Pipeline(asyncio.Protocol):
+    """One persistent v2 connection keeping its slots' requests in flight."""
+
+    def __init__(self, load: _PipelinedLoad, index: int) -> None:
+        self.load = load
+        self.index = index
+        self.slots = load.slots[index]
+        self.reader = ReplyReaderV2(load.plan.reply_limit)
+        self.transport: asyncio.Transport | None = None
+        self.in_flight = 0
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.load.live[self.index] = self
+        frames = [self._frame(rid) for rid in range(len(self.slots))] if self.load.sending else []
+        start = time.perf_counter()
+        for slot in self.slots:
+            slot.start = start
+        self.transport.write(b"".join([MAGIC_V2, *frames]))
+
+    def _frame(self, rid: int) -> bytes:
+        slot = self.slots[rid]
+        payload = next(slot.payloads)
+        slot.payload = payload
+        slot.busy = True
+        self.in_flight += 1
+        return pack_request_v2(rid, payload)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self.reader.feed(data)
+        except LimitExceeded:
+            self.fail("mismatch", "reply too large")
+            return
+        except ProtocolError as exc:
+            self.fail("other", str(exc))
+            return
+        now = time.perf_counter()
+        tally = self.load.tally
+        measured = tally.t_warm <= now < tally.t_end
+        more = now < tally.t_end
+        slots = self.slots
+        frames: list[bytes] = []
+        sent: list[_Slot] = []
+        for rid, status, body in replies:
+            slot = slots[rid] if rid < len(slots) else None
+            if slot is None or not slot.busy:
+                tally.failed("mismatch", "reply to an id not in flight", now)
+                continue
+            slot.busy = False
+            self.in_flight -= 1
+            if status is Status.OK and body == slot.payload:
+                if measured:
+                    tally.latencies.append(now - slot.start)
+                if more:
+                    frames.append(self._frame(rid))
+                    sent.append(slot)
+                continue
+            if status is not Status.OK:
+                detail = "status TIMEOUT from the server" if status is Status.TIMEOUT else None
+                tally.failed(_STATUS_KINDS[status], detail, now)
+            else:
+                tally.failed("mismatch", "empty reply" if not body else "wrong reply", now)
+            if more:
+                asyncio.get_running_loop().call_later(ERROR_BACKOFF, self._resend, rid)
+        if frames:
+            assert self.transport is not None
+            start = time.perf_counter()
+            for slot in sent:
+                slot.start = start
+            self.transport.write(b"".join(frames))
+
+    def _resend(self, rid: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.load.sending:
+            return
+        frame = self._frame(rid)
+        self.slots[rid].start = time.perf_counter()
+        transport.write(frame)
+
+    def eof_received(self) -> bool:
+        return False  # connection_lost(None) follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._forget("other", "the server closed the connection")
+        else:
+            self._forget(*_classify(exc))
+        if self.load.live[self.index] is self:
+            self.load.live[self.index] = None
+        self.transport = None
+        self.load.reconnect(self.index)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def oldest(self) -> float | None:
+        """When the oldest request still in flight was sent, or None."""
+        starts = [slot.start for slot in self.slots if slot.busy]
+        return min(starts) if starts else None
+
+    def fail(self, kind: str, detail: str | None) -> None:
+        """Count the requests in flight as failed with `kind`; drop the connection."""
+        self._forget(kind, detail)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _forget(self, kind: str, detail: str | None) -> None:
+        if not self.in_flight:
+            return
+        for slot in self.slots:
+            slot.busy = False
+        self.load.tally.failed(kind, detail, time.perf_counter(), self.in_flight)
+        self.in_flight = 0
+
+
+class _PipelinedLoad:
+    """`plan.connections` raw v2 connections sharing `plan.coroutines` requests in flight."""
+
+    def __init__(self, plan: _Plan, tally: _Tally) -> None:
+        self.plan = plan
+        self.tally = tally
+        shares = _split(plan.coroutines, max(1, min(plan.connections, plan.coroutines)))
+        ident = plan.first_id
+        self.slots: list[list[_Slot]] = []
+        for share in shares:
+            self.slots.append([_Slot(plan.size, ident + i) for i in range(share)])
+            ident += share
+        self.live: list[_Pipeline | None] = [None] * len(shares)
+        self.pipelines: list[_Pipeline] = []
+        self.connecting: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def sending(self) -> bool:
+        """Whether new requests may start: not after the measured window."""
+        return not self.closing and time.perf_counter() < self.tally.t_end
+
+    def start(self) -> None:
+        for index in range(len(self.slots)):
+            self._connect_later(index, 0.0)
+        self._watch()
+
+    def reconnect(self, index: int) -> None:
+        if self.sending:
+            self._connect_later(index, ERROR_BACKOFF)
+
+    def _connect_later(self, index: int, delay: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(index, delay))
+        self.connecting.add(task)
+        task.add_done_callback(self.connecting.discard)
+
+    async def _connect(self, index: int, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if not self.sending:
+            return
+        plan = self.plan
+        loop = asyncio.get_running_loop()
+        try:
+            _, pipeline = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Pipeline(self, index), plan.host, plan.port, family=plan.family
+                ),
+                plan.timeout,
+            )
+        except Exception as exc:
+            kind, detail = _classify(exc)
+            self.tally.failed(kind, detail, time.perf_counter(), len(self.slots[index]))
+            self.reconnect(index)
+            return
+        self.pipelines.append(pipeline)
+
+    def _watch(self) -> None:
+        """Fail the connections whose oldest request is past its timeout."""
+        expired = time.perf_counter() - self.plan.timeout
+        for pipeline in self.live:
+            if pipeline is not None:
+                oldest = pipeline.oldest()
+                if oldest is not None and oldest < expired:
+                    pipeline.fail("timeout", None)
+        self.watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._watch)
+
+    async def drain(self, grace: float) -> None:
+        deadline = time.perf_counter() + grace
+        while time.perf_counter() < deadline and any(
+            p is not None and p.in_flight for p in self.live
+        ):
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        for task in list(self.connecting):
+            task.cancel()
+        await asyncio.gather(*self.connecting, return_exceptions=True)
+        for pipeline in self.live:
+            if pipeline is not None and pipeline.transport is not None:
+                pipeline.transport.abort()
+        lost = [p.lost for p in self.pipelines if not p.lost.done()]
+        if lost:
+            await asyncio.wait(lost, timeout=1.0)
+
+
+# -- a generator process ------------------------------------------------------------------
 
 
 def _cpu_seconds() -> float:
@@ -235,29 +616,25 @@ def _cpu_seconds() -> float:
 
 async def _generate(plan: _Plan) -> dict[str, Any]:
     """Run one process's share of the load; return its raw results."""
-    loop = asyncio.get_running_loop()
     perf = time.perf_counter
     t_warm = perf() + plan.warmup
     t_end = t_warm + plan.duration
-    tally = _Tally()
-    tasks = [
-        loop.create_task(_client(plan, plan.first_id + i, tally, t_warm, t_end))
-        for i in range(plan.coroutines)
-    ]
+    tally = _Tally(t_warm, t_end)
+    load: _CoroutineLoad | _PipelinedLoad
+    if plan.protocol == "v2" and plan.client == "raw":
+        load = _PipelinedLoad(plan, tally)
+    else:
+        load = _CoroutineLoad(plan, tally)
+    load.start()
     try:
         await asyncio.sleep(max(0.0, t_warm - perf()))
         wall0, cpu0 = perf(), _cpu_seconds()
         await asyncio.sleep(max(0.0, t_end - perf()))
         wall1, cpu1 = perf(), _cpu_seconds()
         # Let requests in flight finish (uncounted) so the server is left idle, within bounds.
-        await asyncio.wait(tasks, timeout=DRAIN_GRACE)
+        await load.drain(DRAIN_GRACE)
     finally:
-        for task in tasks:
-            task.cancel()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
-            raise outcome  # a bug in this module, not a failed request
+        await load.close()
     return {
         "latencies": tally.latencies,
         "errors": tally.errors,
@@ -384,20 +761,30 @@ def run(
     warmup: float = 1.0,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    protocol: str = "v1",
+    client: str = "raw",
+    connections: int = 1,
 ) -> dict[str, Any]:
-    """Load a v1 echo server at `address`; return the measured results.
+    """Load an echo server at `address`; return the measured results.
 
     `concurrency` requests of `size` bytes are kept in flight by `processes`
     generator processes (at most one per request in flight) for `warmup` +
     `duration` seconds; only the last `duration` seconds are measured.
-    `timeout` bounds each connect and each wait for a reply.  Raises
-    ValueError for bad arguments, OSError when the host cannot be resolved,
-    RuntimeError when a generator process fails.
+    `protocol` is "v1" (a fresh connection per request) or "v2" (`connections`
+    persistent connections per process, at most one per request in flight);
+    `client` is "raw" (this module's own asyncio code) or "aio"
+    (:mod:`gaspar.aio`).  `timeout` bounds each connect and each wait for a
+    reply.  Raises ValueError for bad arguments, OSError when the host cannot
+    be resolved, RuntimeError when a generator process fails.
     """
-    if concurrency < 1 or processes < 1:
-        raise ValueError("concurrency and processes must be at least 1")
+    if concurrency < 1 or processes < 1 or connections < 1:
+        raise ValueError("concurrency, processes and connections must be at least 1")
     if duration <= 0 or warmup < 0 or timeout <= 0 or size < 0:
         raise ValueError("duration and timeout must be positive; warmup and size not negative")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {client!r}")
     host, port = parse_address(address)
     family, ip = _resolve(host, port)
     shares = _split(concurrency, min(processes, concurrency))
@@ -406,7 +793,20 @@ def run(
     try:
         first_id = 0
         for index, coroutines in enumerate(shares):
-            plan = _Plan(ip, port, family, first_id, coroutines, size, warmup, duration, timeout)
+            plan = _Plan(
+                ip,
+                port,
+                family,
+                first_id,
+                coroutines,
+                size,
+                warmup,
+                duration,
+                timeout,
+                protocol=protocol,
+                client=client,
+                connections=min(connections, coroutines),
+            )
             first_id += coroutines
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
@@ -433,8 +833,12 @@ def run(
     requests = len(latencies)
     return {
         "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "protocol": protocol,
+        "client": client,
         "concurrency": concurrency,
         "processes": len(shares),
+        # v2: persistent connections over all processes; v1 opens one per request.
+        "connections": sum(min(connections, s) for s in shares) if protocol == "v2" else None,
         "size": size,
         "warmup": warmup,
         "duration": duration,
@@ -462,8 +866,10 @@ def format_summary(result: dict[str, Any]) -> str:
     errors = result["errors"]
     error_text = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n) or "none"
     cpu = result["cpu"]
+    conns = f" conns={result['connections']}" if result.get("connections") else ""
     return (
-        f"{result['address']} c={result['concurrency']} procs={result['processes']}"
+        f"{result['address']} {result.get('protocol', 'v1')} {result.get('client', 'raw')}"
+        f" c={result['concurrency']} procs={result['processes']}{conns}"
         f" size={result['size']}B {result['duration']:g}s:"
         f" {result['rps']:.0f} req/s, p50 {_fmt_ms(lat['p50'])} ms,"
         f" p90 {_fmt_ms(lat['p90'])} ms, p99 {_fmt_ms(lat['p99'])} ms,"
@@ -475,12 +881,27 @@ def format_summary(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser."""
     parser = argparse.ArgumentParser(
-        description="Load a gaspar v1 echo server: one connection per request, closed loop."
+        description="Load a gaspar echo server in a closed loop, over protocol v1 or v2."
     )
     parser.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--size", type=int, default=16, help="payload bytes")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="v1",
+        help="v1: a fresh connection per request; v2: persistent pipelined connections",
+    )
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="raw",
+        help="raw: this script's own asyncio code; aio: gaspar.aio (request / AsyncClient)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=1, help="v2: persistent connections per process"
+    )
     parser.add_argument("--processes", type=int, default=1, help="generator processes")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument(
@@ -504,6 +925,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             processes=args.processes,
             warmup=args.warmup,
             timeout=args.timeout,
+            protocol=args.protocol,
+            client=args.client,
+            connections=args.connections,
         )
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)

@@ -2,15 +2,19 @@
 
 Usage, from anywhere::
 
-    python benchmarks/run.py [--concurrency 1 64] [--size 16] [--duration 5] \\
-        [--repeat 3] [--processes 2] [--warmup 1] [--workers 2]
+    python benchmarks/run.py [--protocol v1 v2] [--client raw aio] [--concurrency 1 64] \\
+        [--size 16] [--duration 5] [--repeat 3] [--processes 2] [--connections 1] \\
+        [--warmup 1] [--workers 2]
 
 The server is ``python -m gaspar serve benchmarks.echo:echo --port 0`` run from
-the repository root.  Every scenario (a size and a concurrency) is run
-``--repeat`` times, the scenarios interleaved (a, b, a, b, ...) so that a
-drift of the machine spreads over all of them; the table shows medians over
-the repeats, and errors summed over them.  The figures depend on the machine
-and are never asserted anywhere.
+the repository root.  A scenario is a (size, concurrency, client, protocol)
+combination, loaded by :func:`loadgen.run`; every scenario is run ``--repeat``
+times, the scenarios interleaved (a, b, a, b, ...) so that a drift of the
+machine spreads over all of them, with v1 and v2 of the same client and
+concurrency next to each other.  The table shows medians over the repeats, and
+errors summed over them; after it, for each (size, client, concurrency) run
+over both protocols, the ratio of v2's median requests/s to v1's.  The figures
+depend on the machine and are never asserted anywhere.
 
 Exits 1 when the server does not start, a load run fails, or the server does
 not exit with status 0 after SIGTERM.
@@ -166,13 +170,33 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown_table(rows: list[tuple[int, int, dict[str, Any]]]) -> str:
-    """Format (size, concurrency, summary) rows as a Markdown table."""
-    lines = [
-        "| size (B) | concurrency | req/s | p50 (ms) | p99 (ms) | errors | loadgen CPU |",
-        "|---:|---:|---:|---:|---:|---|---|",
+Scenario = tuple[int, int, str, str]  # size, concurrency, client, protocol
+
+
+def scenarios(
+    sizes: Sequence[int],
+    concurrencies: Sequence[int],
+    clients: Sequence[str],
+    protocols: Sequence[str],
+) -> list[Scenario]:
+    """Every combination, in the order they run: v1 and v2 of one case side by side."""
+    return [
+        (size, concurrency, client, protocol)
+        for size in sizes
+        for concurrency in concurrencies
+        for client in clients
+        for protocol in protocols
     ]
-    for size, concurrency, s in rows:
+
+
+def markdown_table(rows: list[tuple[Scenario, dict[str, Any]]]) -> str:
+    """Format (scenario, summary) rows as a Markdown table."""
+    lines = [
+        "| size (B) | concurrency | client | protocol | req/s | p50 (ms) | p99 (ms) | errors"
+        " | loadgen CPU |",
+        "|---:|---:|---|---|---:|---:|---:|---|---|",
+    ]
+    for (size, concurrency, client, protocol), s in rows:
         total = sum(s["errors"].values())
         errors = str(total)
         if total:
@@ -182,15 +206,52 @@ def markdown_table(rows: list[tuple[int, int, dict[str, Any]]]) -> str:
             f" busiest {_num(s['busiest'], '.0%')}"
         )
         lines.append(
-            f"| {size} | {concurrency} | {_num(s['rps'], ',.0f')} | {_num(s['p50'], '.3f')}"
-            f" | {_num(s['p99'], '.3f')} | {errors} | {cpu} |"
+            f"| {size} | {concurrency} | {client} | {protocol} | {_num(s['rps'], ',.0f')}"
+            f" | {_num(s['p50'], '.3f')} | {_num(s['p99'], '.3f')} | {errors} | {cpu} |"
         )
+    return "\n".join(lines)
+
+
+def ratios(summaries: dict[Scenario, dict[str, Any]]) -> list[tuple[int, int, str, float]]:
+    """(size, concurrency, client, v2/v1 of median req/s) where both protocols ran."""
+    out = []
+    for (size, concurrency, client, protocol), s in summaries.items():
+        if protocol != "v2":
+            continue
+        v1 = summaries.get((size, concurrency, client, "v1"))
+        if v1 is not None and v1["rps"] and s["rps"] is not None:
+            out.append((size, concurrency, client, s["rps"] / v1["rps"]))
+    return out
+
+
+def ratio_table(rows: list[tuple[int, int, str, float]]) -> str:
+    """Format the v2/v1 ratios as a Markdown table."""
+    lines = [
+        "| size (B) | concurrency | client | v2/v1 req/s |",
+        "|---:|---:|---|---:|",
+    ]
+    for size, concurrency, client, ratio in rows:
+        lines.append(f"| {size} | {concurrency} | {client} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser."""
     parser = argparse.ArgumentParser(description="Benchmark a gaspar echo server.")
+    parser.add_argument(
+        "--protocol",
+        nargs="+",
+        choices=loadgen.PROTOCOLS,
+        default=["v1", "v2"],
+        help="v1: a connection per request; v2: persistent pipelined connections",
+    )
+    parser.add_argument(
+        "--client",
+        nargs="+",
+        choices=loadgen.CLIENTS,
+        default=["raw", "aio"],
+        help="raw: the load generator's own code; aio: gaspar.aio",
+    )
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 64], help="requests in flight"
     )
@@ -199,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each scenario")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="v2: persistent connections per process"
+    )
     parser.add_argument("--workers", type=int, default=2, help="server worker processes")
     return parser
 
@@ -209,7 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeat < 1 or args.workers < 1:
         print("run.py: --repeat and --workers must be at least 1", file=sys.stderr)
         return 2
-    scenarios = [(size, c) for size in args.size for c in args.concurrency]
+    if args.connections < 1:
+        print("run.py: --connections must be at least 1", file=sys.stderr)
+        return 2
+    todo = scenarios(
+        list(dict.fromkeys(args.size)),  # without duplicates, in the order given
+        list(dict.fromkeys(args.concurrency)),
+        list(dict.fromkeys(args.client)),
+        list(dict.fromkeys(args.protocol)),
+    )
     try:
         server, log = start_server(args.workers)
     except OSError as exc:
@@ -223,11 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     address = log.address
     assert address is not None
     print(f"server {address}, {args.workers} workers", file=sys.stderr)
-    results: dict[tuple[int, int], list[dict[str, Any]]] = {s: [] for s in scenarios}
+    results: dict[Scenario, list[dict[str, Any]]] = {s: [] for s in todo}
     status = 0
     try:
         for round_ in range(args.repeat):
-            for size, concurrency in scenarios:
+            for scenario in todo:
+                size, concurrency, client, protocol = scenario
                 result = loadgen.run(
                     address,
                     concurrency,
@@ -235,12 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     size,
                     processes=args.processes,
                     warmup=args.warmup,
+                    protocol=protocol,
+                    client=client,
+                    connections=args.connections,
                 )
                 print(
                     f"[{round_ + 1}/{args.repeat}] {loadgen.format_summary(result)}",
                     file=sys.stderr,
                 )
-                results[(size, concurrency)].append(result)
+                results[scenario].append(result)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"run.py: load run failed: {exc}", file=sys.stderr)
         status = 1
@@ -254,21 +330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the server logged {total} warnings or errors:", file=sys.stderr)
         for message, count in log.problems.most_common(10):
             print(f"  {count} x {message}", file=sys.stderr)
-    done = [(size, c, summarize(results[(size, c)])) for size, c in scenarios if results[(size, c)]]
-    if done:
+    summaries = {s: summarize(results[s]) for s in todo if results[s]}
+    if summaries:
         uvloop = all(r["uvloop"] for runs in results.values() for r in runs)
         print(
             f"gaspar echo, {args.workers} workers; Python {platform.python_version()},"
             f" {os.cpu_count()} CPUs; loadgen on {'uvloop' if uvloop else 'asyncio'};"
             f" median of {args.repeat} interleaved run(s) of {args.duration:g}s"
-            f" (after {args.warmup:g}s warmup each)\n"
+            f" (after {args.warmup:g}s warmup each); v2 over {args.connections}"
+            f" connection(s) per loadgen process\n"
         )
-        print(markdown_table(done))
+        print(markdown_table(list(summaries.items())))
         print(
             "\nloadgen CPU: the load generator's CPU time over the measured window divided by"
             " its wall time, summed over its processes (100% = one core busy); a busiest"
             " process near 100% means the generator, not the server, was the bottleneck."
         )
+        rows = ratios(summaries)
+        if rows:
+            print("\nv2/v1: median req/s over protocol v2 divided by that over v1\n")
+            print(ratio_table(rows))
     return status
 
 
