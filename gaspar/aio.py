@@ -19,6 +19,7 @@ import itertools
 from types import TracebackType
 from typing import Any, cast
 
+from . import netutil
 from .client import DEFAULT_MAX_REPLY_SIZE, Message, parse_address
 from .clientcore import RequestIds, check_protocol, failure
 from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTimeout
@@ -155,9 +156,12 @@ class _Connection(asyncio.Protocol):
     def load(self) -> int:
         return len(self.ids)
 
-    def close(self) -> None:
+    def close(self, reset: bool = False) -> None:
         if self.transport is not None:
-            self.transport.close()
+            if reset:
+                netutil.reset(self.transport)
+            else:
+                self.transport.close()
 
     def _break(self, error: RequestFailed) -> None:
         self._fail_all(error)
@@ -222,12 +226,17 @@ class AsyncClient:
         return decode_result(await self.request(encode_call(name, args, kwargs)), name)
 
     async def close(self) -> None:
-        """Close every connection; requests still waiting fail with ConnectionFailed."""
+        """Close every connection; requests still waiting fail with ConnectionFailed.
+
+        A connection with requests in flight is reset rather than closed, so that
+        the server drops the ones still queued instead of running them for nobody.
+        """
         self._closed = True
         for conn in self._slots:
             if conn is not None:
+                busy = conn.load > 0
                 conn._fail_all(ConnectionFailed(f"{self.where}: client closed"))
-                conn.close()
+                conn.close(reset=busy)
         self._slots = [None] * len(self._slots)
 
     async def __aenter__(self) -> AsyncClient:

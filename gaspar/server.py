@@ -11,15 +11,13 @@ whatever outcome comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 import time
 from functools import partial
 from typing import cast
 
 from .dispatcher import Dispatcher, Job
+from .netutil import reset
 from .protocol import (
     MAGIC_V2,
     REPLY_V2,
@@ -34,20 +32,10 @@ from .protocol import (
 
 log = logging.getLogger("gaspar.server")
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 # Replies at least this large are written as header and body, not concatenated.
 _SPLIT_WRITE = 64 * 1024
 
 READING, WAITING, WRITING, CLOSED = range(4)
-
-
-def reset(transport: asyncio.Transport) -> None:
-    """Close abortively: SO_LINGER 0 turns the close into a TCP RST."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
 
 
 class Throttled:

@@ -336,3 +336,24 @@ def test_app_calls_through_both_clients(serve) -> None:
                 await client.call("add", 1)
 
     asyncio.run(main())
+
+
+def test_closing_a_busy_async_client_drops_its_queued_requests(serve) -> None:
+    producer = serve(handlers.behave, processes=1)
+    dispatcher = producer._dispatcher
+
+    async def main() -> None:
+        client = aio.AsyncClient(producer.address, timeout=30)
+        tasks = [asyncio.ensure_future(client.request(b"sleep:1")) for _ in range(5)]
+        ready = await asyncio.to_thread(wait_until, lambda: dispatcher.outstanding == 5, 10)
+        assert ready
+        await client.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, gaspar.ConnectionFailed) for r in results)
+
+    started = time.monotonic()
+    asyncio.run(main())
+    # The four queued requests are dropped, not run for nobody: only the running
+    # one (1 s) is left, where running all five would take 5 s.
+    assert wait_until(lambda: dispatcher.outstanding == 0, timeout=10)
+    assert time.monotonic() - started < 3
