@@ -24,8 +24,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop,bench]'
+	touch $@
+
+# The benchmark suite (about 15 minutes): writes docs/benchmarks.md and docs/benchmarks.png.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,21 +1,29 @@
-"""A closed-loop load generator for gaspar's wire protocols v1 and v2.
+"""``gaspar bench``: a closed-loop load generator for gaspar's wire protocols v1 and v2.
 
-Usage as a script::
+From the command line (the parser is in :mod:`gaspar.cli`)::
 
-    python benchmarks/loadgen.py HOST:PORT --concurrency 64 --duration 5 --size 16 \\
-        [--protocol v1|v2] [--client raw|aio] [--connections 1] \\
-        [--processes N] [--warmup 1] [--timeout 10] [--json]
+    gaspar bench HOST:PORT [--concurrency 64] [--duration 5] [--size 16 | --payload-file F]
+        [--protocol v1|v2] [--client raw|aio] [--connections 1] [--processes N]
+        [--warmup 1] [--timeout 10] [--check-echo] [--quiet] [--json]
 
-and as a module: :func:`run` returns the results as a dict.
+and as a module: :func:`run` returns the results as a dict, which
+:func:`format_report` (several lines) and :func:`format_summary` (one line)
+turn into text.
 
 Exactly ``concurrency`` requests are in flight at any time.  They are split
 over ``processes`` OS processes (started with multiprocessing's ``spawn``
 context, so that nothing of the caller is forked), each running one asyncio
 loop (uvloop when importable).  Closed loop: each reply triggers the next
-request, and each reply is checked against its request (the server is
-expected to echo).  Every payload of 12 bytes or more carries a unique
-(client, sequence) tag, so a reply delivered to the wrong request counts as a
-mismatch.  Four ways to send, by ``protocol`` and ``client``:
+request.  Payloads are either ``size`` random bytes, each carrying a unique
+(client, sequence) tag when 12 bytes or more, or one fixed ``payload`` (a
+file's bytes, say) sent unchanged in every request.
+
+Replies: with ``check_echo`` the server is expected to echo, and a reply that
+differs from its request counts as a mismatch (thanks to the tags, so does a
+reply delivered to the wrong request).  Without it (the command's default:
+users bench their own handlers) any successful reply counts: a v1 reply read
+to EOF without a reset, a v2 reply with status OK.  Four ways to send, by
+``protocol`` and ``client``:
 
 - raw v1: each client coroutine loops: connect, write ``pack(payload)``, read
   to EOF, check the reply.  One fresh connection per request.
@@ -24,9 +32,9 @@ mismatch.  Four ways to send, by ``protocol`` and ``client``:
   requests in flight on them, split evenly, from one asyncio Protocol per
   connection (no coroutine per request).  A request's v2 id is its slot on
   the connection; each reply (they come in completion order, matched by id)
-  is checked (status OK, body equal to the payload) and at once replaced by
-  the next request on that id; the replies of one read are answered with one
-  write.  The server's preamble is checked by
+  is checked (status OK and, with ``check_echo``, body equal to the payload)
+  and at once replaced by the next request on that id; the replies of one
+  read are answered with one write.  The server's preamble is checked by
   :class:`gaspar.protocol.ReplyReaderV2` before any reply is read.
 - aio v1: each client coroutine loops on
   ``await gaspar.aio.request(address, payload, timeout=timeout)``.
@@ -37,7 +45,9 @@ mismatch.  Four ways to send, by ``protocol`` and ``client``:
 The aio clients measure what gaspar's own asyncio client costs on top of the
 raw protocol.
 
-Timing: the processes start together on a "go" from the parent.  The first
+Timing: before anything starts, one connection probes the server (for v2, it
+also checks the server's preamble), so an unreachable server fails at once.
+The processes start together on a "go" from the parent.  The first
 ``warmup`` seconds are not measured; a request counts when it completes inside
 the measured window of ``duration`` seconds that follows, and its latency runs
 from its send (v2) or its connect (v1) to its reply.  No new request starts
@@ -45,7 +55,9 @@ after the window; requests still in flight get ``DRAIN_GRACE`` seconds and are
 then abandoned, so a run is bounded in time.  Every connect and every reply
 wait has its own timeout as well: on a raw v2 connection, a request without a
 reply after ``timeout`` seconds fails every request on that connection, which
-is then replaced.
+is then replaced.  With ``progress``, each process sends its running totals
+to the parent every second of the window, and the parent prints one line per
+second to standard error.
 
 Results: requests/s (requests completed OK inside the window / duration),
 latency percentiles (nearest rank, over the samples of every process), error
@@ -59,11 +71,10 @@ the server, is the bottleneck; add ``--processes`` or CPUs.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
-import json
+import itertools
 import math
 import multiprocessing
 import os
@@ -75,12 +86,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
-from gaspar.aio import AsyncClient
-from gaspar.aio import request as aio_request
-from gaspar.client import parse_address
-from gaspar.errors import (
+from .aio import AsyncClient
+from .aio import request as aio_request
+from .client import DEFAULT_MAX_REPLY_SIZE, parse_address
+from .errors import (
     BadRequest,
     HandlerError,
     MessageTooLarge,
@@ -90,7 +101,7 @@ from gaspar.errors import (
     ShuttingDown,
     WorkerLost,
 )
-from gaspar.protocol import (
+from .protocol import (
     MAGIC_V2,
     LimitExceeded,
     ProtocolError,
@@ -105,8 +116,9 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ERROR_KINDS",
     "PROTOCOLS",
+    "format_progress",
+    "format_report",
     "format_summary",
-    "main",
     "run",
 ]
 
@@ -135,8 +147,10 @@ WATCH_INTERVAL = 0.1
 START_TIMEOUT = 60.0
 # Seconds, beyond the run itself, that the parent waits for the processes' results.
 RESULT_SLACK = 30.0
-# A reply may not exceed this many bytes beyond the request's size.
+# With echo checking, a reply may not exceed this many bytes beyond the request's size.
 REPLY_SLACK = 64 * 1024
+# Seconds between two progress reports of a generator process.
+PROGRESS_INTERVAL = 1.0
 
 _TAG = struct.Struct("!IQ")  # client id, sequence number
 
@@ -170,14 +184,22 @@ class _Plan:
     protocol: str = "v1"
     client: str = "raw"
     connections: int = 1  # v2: persistent connections of this process
+    payload: bytes | None = None  # sent unchanged in every request, instead of random bytes
+    check_echo: bool = False  # a reply must equal its request
+    progress: bool = False  # send ("progress", (elapsed, ok, errors)) every second
 
     @property
     def reply_limit(self) -> int:
-        return self.size + REPLY_SLACK
+        """The largest reply accepted: an echo's size when checking, else the client's limit."""
+        return self.size + REPLY_SLACK if self.check_echo else DEFAULT_MAX_REPLY_SIZE
+
+    def too_large(self) -> str:
+        """The error kind of a reply above `reply_limit`: it cannot be an echo."""
+        return "mismatch" if self.check_echo else "too_large"
 
 
 class _ReplyTooLarge(Exception):
-    """The server sent more bytes than an echo of the request could be."""
+    """The server sent more bytes than the plan's reply limit."""
 
 
 class _Tally:
@@ -192,6 +214,10 @@ class _Tally:
         self.errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         self.details: dict[str, int] = {}
         self.warmup_errors = 0
+
+    def counts(self) -> tuple[int, int]:
+        """Requests that succeeded, and that failed, inside the window so far."""
+        return len(self.latencies), sum(self.errors.values())
 
     def failed(self, kind: str, detail: str | None, finished: float, count: int = 1) -> None:
         """Count `count` requests that failed at `finished`, if inside the window."""
@@ -268,14 +294,17 @@ async def _exchange(plan: _Plan, request: bytes, limit: int) -> bytes:
             transport.abort()
 
 
-def _classify(exc: BaseException) -> tuple[str, str | None]:
-    """Map a failed exchange to an error kind and, for odd ones, a detail for the report."""
+def _classify(exc: BaseException, too_large: str = "too_large") -> tuple[str, str | None]:
+    """Map a failed exchange to an error kind and, for odd ones, a detail for the report.
+
+    `too_large` is the kind of a reply above the plan's limit (see :meth:`_Plan.too_large`).
+    """
     if isinstance(exc, RequestFailed):  # from gaspar.aio
         for failure, status in _FAILURES:
             if isinstance(exc, failure):
                 return _STATUS_KINDS[status], None
         if exc.__cause__ is not None:  # ConnectionFailed, or a v1 reset
-            return _classify(exc.__cause__)
+            return _classify(exc.__cause__, too_large)
         return "other", f"{type(exc).__name__}: {exc}"[:120]
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return "reset", None
@@ -284,13 +313,20 @@ def _classify(exc: BaseException) -> tuple[str, str | None]:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timeout", None
     if isinstance(exc, _ReplyTooLarge | LimitExceeded):
-        return "mismatch", "reply too large"
+        return too_large, "reply too large"
     if isinstance(exc, OSError) and exc.errno:
         return "other", errno.errorcode.get(exc.errno, f"errno {exc.errno}")
     return "other", f"{type(exc).__name__}: {exc}"[:120]
 
 
-def _payloads(size: int, ident: int) -> Iterator[bytes]:
+def _payloads(plan: _Plan, ident: int) -> Iterator[bytes]:
+    """The payloads of client `ident`: the plan's fixed payload, or tagged random bytes."""
+    if plan.payload is not None:
+        return itertools.repeat(plan.payload)
+    return _random_payloads(plan.size, ident)
+
+
+def _random_payloads(size: int, ident: int) -> Iterator[bytes]:
     """Random payloads of `size` bytes, each tagged with (ident, sequence) when it fits."""
     buf = bytearray(os.urandom(size))
     seq = 0
@@ -304,10 +340,12 @@ def _payloads(size: int, ident: int) -> Iterator[bytes]:
 # -- one coroutine per request in flight: raw v1, aio v1, aio v2 ------------------------
 
 
-async def _client(ident: int, size: int, exchange: Exchange, tally: _Tally) -> None:
+async def _client(plan: _Plan, ident: int, exchange: Exchange, tally: _Tally) -> None:
     """Issue requests back to back until the measured window closes."""
     perf = time.perf_counter
-    payloads = _payloads(size, ident)
+    payloads = _payloads(plan, ident)
+    check_echo = plan.check_echo
+    too_large = plan.too_large()
     t_end = tally.t_end
     while True:
         start = perf()
@@ -319,9 +357,9 @@ async def _client(ident: int, size: int, exchange: Exchange, tally: _Tally) -> N
         try:
             reply = await exchange(payload)
         except Exception as exc:
-            kind, detail = _classify(exc)
+            kind, detail = _classify(exc, too_large)
         else:
-            if reply != payload:
+            if check_echo and reply != payload:
                 kind = "mismatch"
                 detail = "empty reply" if not reply else "wrong reply"
         finished = perf()
@@ -364,7 +402,7 @@ class _CoroutineLoad:
 
         loop = asyncio.get_running_loop()
         self.tasks = [
-            loop.create_task(_client(plan.first_id + i, plan.size, exchange, self.tally))
+            loop.create_task(_client(plan, plan.first_id + i, exchange, self.tally))
             for i in range(plan.coroutines)
         ]
 
@@ -392,8 +430,8 @@ class _Slot:
 
     __slots__ = ("busy", "payload", "payloads", "start")
 
-    def __init__(self, size: int, ident: int) -> None:
-        self.payloads = _payloads(size, ident)
+    def __init__(self, plan: _Plan, ident: int) -> None:
+        self.payloads = _payloads(plan, ident)
         self.payload = b""
         self.start = 0.0
         self.busy = False
@@ -432,7 +470,7 @@ class _Pipeline(asyncio.Protocol):
         try:
             replies = self.reader.feed(data)
         except LimitExceeded:
-            self.fail("mismatch", "reply too large")
+            self.fail(self.load.plan.too_large(), "reply too large")
             return
         except ProtocolError as exc:
             self.fail("other", str(exc))
@@ -442,16 +480,18 @@ class _Pipeline(asyncio.Protocol):
         measured = tally.t_warm <= now < tally.t_end
         more = now < tally.t_end
         slots = self.slots
+        check_echo = self.load.plan.check_echo
         frames: list[bytes] = []
         sent: list[_Slot] = []
         for rid, status, body in replies:
             slot = slots[rid] if rid < len(slots) else None
             if slot is None or not slot.busy:
-                tally.failed("mismatch", "reply to an id not in flight", now)
+                kind = "mismatch" if check_echo else "other"
+                tally.failed(kind, "reply to an id not in flight", now)
                 continue
             slot.busy = False
             self.in_flight -= 1
-            if status is Status.OK and body == slot.payload:
+            if status is Status.OK and (not check_echo or body == slot.payload):
                 if measured:
                     tally.latencies.append(now - slot.start)
                 if more:
@@ -487,7 +527,7 @@ class _Pipeline(asyncio.Protocol):
         if exc is None:
             self._forget("other", "the server closed the connection")
         else:
-            self._forget(*_classify(exc))
+            self._forget(*_classify(exc, self.load.plan.too_large()))
         if self.load.live[self.index] is self:
             self.load.live[self.index] = None
         self.transport = None
@@ -525,7 +565,7 @@ class _PipelinedLoad:
         ident = plan.first_id
         self.slots: list[list[_Slot]] = []
         for share in shares:
-            self.slots.append([_Slot(plan.size, ident + i) for i in range(share)])
+            self.slots.append([_Slot(plan, ident + i) for i in range(share)])
             ident += share
         self.live: list[_Pipeline | None] = [None] * len(shares)
         self.pipelines: list[_Pipeline] = []
@@ -567,7 +607,7 @@ class _PipelinedLoad:
                 plan.timeout,
             )
         except Exception as exc:
-            kind, detail = _classify(exc)
+            kind, detail = _classify(exc, plan.too_large())
             self.tally.failed(kind, detail, time.perf_counter(), len(self.slots[index]))
             self.reconnect(index)
             return
@@ -614,8 +654,15 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _generate(plan: _Plan) -> dict[str, Any]:
-    """Run one process's share of the load; return its raw results."""
+Report = Callable[[float, int, int], None]
+
+
+async def _generate(plan: _Plan, report: Report | None = None) -> dict[str, Any]:
+    """Run one process's share of the load; return its raw results.
+
+    `report(elapsed, ok, errors)`, when given, gets the running totals every
+    PROGRESS_INTERVAL seconds of the measured window and at its end.
+    """
     perf = time.perf_counter
     t_warm = perf() + plan.warmup
     t_end = t_warm + plan.duration
@@ -629,8 +676,17 @@ async def _generate(plan: _Plan) -> dict[str, Any]:
     try:
         await asyncio.sleep(max(0.0, t_warm - perf()))
         wall0, cpu0 = perf(), _cpu_seconds()
-        await asyncio.sleep(max(0.0, t_end - perf()))
-        wall1, cpu1 = perf(), _cpu_seconds()
+        wall1, cpu1 = wall0, cpu0
+        elapsed = 0.0
+        while elapsed < plan.duration:
+            elapsed = min(elapsed + PROGRESS_INTERVAL, plan.duration)
+            # A loop's timers may fire a little early (uvloop's have 1 ms steps): sleep on.
+            while (left := t_warm + elapsed - perf()) > 0:
+                await asyncio.sleep(left)
+            if elapsed >= plan.duration:
+                wall1, cpu1 = perf(), _cpu_seconds()
+            if report is not None:
+                report(elapsed, *tally.counts())
         # Let requests in flight finish (uncounted) so the server is left idle, within bounds.
         await load.drain(DRAIN_GRACE)
     finally:
@@ -656,14 +712,22 @@ def _new_loop() -> tuple[asyncio.AbstractEventLoop, bool]:
 
 
 def _child_main(conn: Connection, plan: _Plan) -> None:
-    """Body of a generator process: report ready, wait for "go", run, send the results."""
+    """Body of a generator process: report ready, wait for "go", run, send the results.
+
+    With `plan.progress`, it also sends ("progress", (elapsed, ok, errors)) every
+    PROGRESS_INTERVAL seconds of the measured window, before its result.
+    """
+
+    def report(elapsed: float, ok: int, errors: int) -> None:
+        conn.send(("progress", (elapsed, ok, errors)))
+
     try:
         loop, uses_uvloop = _new_loop()
         try:
             conn.send(("ready", None))
             if conn.recv() != "go":
                 return
-            result = loop.run_until_complete(_generate(plan))
+            result = loop.run_until_complete(_generate(plan, report if plan.progress else None))
         finally:
             loop.close()
         result["uvloop"] = uses_uvloop
@@ -684,12 +748,46 @@ def _split(total: int, parts: int) -> list[int]:
 
 def _resolve(host: str, port: int) -> tuple[int, str]:
     """Resolve `host` once, so that no request pays for a DNS look-up."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectionError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
+    family, _, _, _, sockaddr = infos[0]
     return family, str(sockaddr[0])
 
 
-def _gather(conns: Sequence[Connection], tag: str, timeout: float) -> list[Any]:
-    """Receive one `tag` message from every connection within `timeout` seconds."""
+def _probe(family: int, ip: str, port: int, protocol: str, timeout: float) -> None:
+    """Connect once (for v2, also check the server's preamble); raise ConnectionError if not."""
+    where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((ip, port))
+            if protocol == "v2":
+                sock.sendall(MAGIC_V2)
+                answer = b""
+                while len(answer) < len(MAGIC_V2):
+                    chunk = sock.recv(len(MAGIC_V2) - len(answer))
+                    if not chunk:
+                        break
+                    answer += chunk
+                if answer != MAGIC_V2:
+                    raise ConnectionError("it does not answer the protocol v2 preamble")
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConnectionError(f"cannot reach the server at {where}: {reason}") from exc
+
+
+def _gather(
+    conns: Sequence[Connection],
+    tag: str,
+    timeout: float,
+    on_progress: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """Receive one `tag` message from every connection within `timeout` seconds.
+
+    "progress" messages that come first go to `on_progress(index, body)`.
+    """
     deadline = time.monotonic() + timeout
     replies: dict[int, Any] = {}
     pending = {conn: i for i, conn in enumerate(conns)}
@@ -701,17 +799,53 @@ def _gather(conns: Sequence[Connection], tag: str, timeout: float) -> list[Any]:
             )
         for ready in wait(list(pending), left):
             conn = cast(Connection, ready)
-            index = pending.pop(conn)
+            index = pending[conn]
             try:
                 kind, body = conn.recv()
             except EOFError:
                 raise RuntimeError(f"load generator process {index} exited early") from None
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(index, body)
+                continue
             if kind == "error":
                 raise RuntimeError(f"load generator process {index} failed: {body}")
             if kind != tag:
                 raise RuntimeError(f"load generator process {index} sent {kind!r}, not {tag!r}")
+            del pending[conn]
             replies[index] = body
     return [replies[i] for i in range(len(conns))]
+
+
+def format_progress(elapsed: float, rate: float, ok: int, errors: int) -> str:
+    """One progress line: seconds into the window, req/s over the last second, totals."""
+    return f"{elapsed:5.1f}s  {rate:,.0f} req/s  ok {ok:,}  errors {errors:,}"
+
+
+class _Progress:
+    """Prints a progress line once every generator process has reported the same tick."""
+
+    def __init__(self, processes: int, stream: TextIO) -> None:
+        self.stream = stream
+        self.ticks: list[list[tuple[float, int, int]]] = [[] for _ in range(processes)]
+        self.printed = 0
+        self.last_elapsed = 0.0
+        self.last_ok = 0
+
+    def __call__(self, index: int, body: Any) -> None:
+        elapsed, ok, errors = body
+        self.ticks[index].append((float(elapsed), int(ok), int(errors)))
+        while all(len(ticks) > self.printed for ticks in self.ticks):
+            rows = [ticks[self.printed] for ticks in self.ticks]
+            elapsed = max(row[0] for row in rows)
+            ok = sum(row[1] for row in rows)
+            errors = sum(row[2] for row in rows)
+            span = elapsed - self.last_elapsed
+            rate = (ok - self.last_ok) / span if span > 0 else 0.0
+            self.stream.write(format_progress(elapsed, rate, ok, errors) + "\n")
+            self.stream.flush()
+            self.last_elapsed, self.last_ok = elapsed, ok
+            self.printed += 1
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float | None:
@@ -756,7 +890,7 @@ def run(
     address: str | tuple[str, int],
     concurrency: int,
     duration: float,
-    size: int,
+    size: int = 16,
     processes: int = 1,
     warmup: float = 1.0,
     *,
@@ -764,19 +898,32 @@ def run(
     protocol: str = "v1",
     client: str = "raw",
     connections: int = 1,
+    payload: bytes | None = None,
+    check_echo: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Load an echo server at `address`; return the measured results.
+    """Load the server at `address` in a closed loop; return the measured results.
 
-    `concurrency` requests of `size` bytes are kept in flight by `processes`
-    generator processes (at most one per request in flight) for `warmup` +
-    `duration` seconds; only the last `duration` seconds are measured.
-    `protocol` is "v1" (a fresh connection per request) or "v2" (`connections`
-    persistent connections per process, at most one per request in flight);
-    `client` is "raw" (this module's own asyncio code) or "aio"
-    (:mod:`gaspar.aio`).  `timeout` bounds each connect and each wait for a
-    reply.  Raises ValueError for bad arguments, OSError when the host cannot
-    be resolved, RuntimeError when a generator process fails.
+    `concurrency` requests are kept in flight by `processes` generator
+    processes (at most one per request in flight) for `warmup` + `duration`
+    seconds; only the last `duration` seconds are measured.  Each request
+    carries `payload` unchanged when given, else `size` random bytes (tagged
+    per request when 12 bytes or more).  `protocol` is "v1" (a fresh
+    connection per request) or "v2" (`connections` persistent connections per
+    process, at most one per request in flight); `client` is "raw" (this
+    module's own asyncio code) or "aio" (:mod:`gaspar.aio`).  `timeout`
+    bounds each connect and each wait for a reply.  With `check_echo`, a
+    reply must equal its request or it counts as a "mismatch"; without, any
+    successful reply counts.  With `progress`, a line of running totals goes
+    to standard error every second of the measured window.
+
+    Raises ValueError for bad arguments, ConnectionError (an OSError) before
+    any load starts when the server cannot be resolved or reached (one
+    connection probes it; for v2 it also checks the server's preamble), and
+    RuntimeError when a generator process fails.
     """
+    if payload is not None:
+        size = len(payload)
     if concurrency < 1 or processes < 1 or connections < 1:
         raise ValueError("concurrency, processes and connections must be at least 1")
     if duration <= 0 or warmup < 0 or timeout <= 0 or size < 0:
@@ -787,7 +934,9 @@ def run(
         raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {client!r}")
     host, port = parse_address(address)
     family, ip = _resolve(host, port)
+    _probe(family, ip, port, protocol, timeout)
     shares = _split(concurrency, min(processes, concurrency))
+    on_progress = _Progress(len(shares), sys.stderr) if progress else None
     ctx = multiprocessing.get_context("spawn")
     children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
     try:
@@ -806,11 +955,14 @@ def run(
                 protocol=protocol,
                 client=client,
                 connections=min(connections, coroutines),
+                payload=payload,
+                check_echo=check_echo,
+                progress=progress,
             )
             first_id += coroutines
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
-                target=_child_main, args=(theirs, plan), name=f"loadgen-{index}", daemon=True
+                target=_child_main, args=(theirs, plan), name=f"gaspar-bench-{index}", daemon=True
             )
             proc.start()
             theirs.close()
@@ -819,7 +971,9 @@ def run(
         _gather(conns, "ready", START_TIMEOUT)
         for conn in conns:
             conn.send("go")
-        parts = _gather(conns, "result", warmup + duration + DRAIN_GRACE + RESULT_SLACK)
+        parts = _gather(
+            conns, "result", warmup + duration + DRAIN_GRACE + RESULT_SLACK, on_progress
+        )
     finally:
         for _, conn in children:
             conn.close()
@@ -840,6 +994,8 @@ def run(
         # v2: persistent connections over all processes; v1 opens one per request.
         "connections": sum(min(connections, s) for s in shares) if protocol == "v2" else None,
         "size": size,
+        "payload": "random" if payload is None else "fixed",
+        "check_echo": check_echo,
         "warmup": warmup,
         "duration": duration,
         "requests": requests,
@@ -860,6 +1016,10 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _error_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n:,}" for kind, n in errors.items() if n) or "none"
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """One line for a human: throughput, latency, errors and the generator's CPU."""
     lat = result["latency_ms"]
@@ -878,67 +1038,43 @@ def format_summary(result: dict[str, Any]) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The script's argument parser."""
-    parser = argparse.ArgumentParser(
-        description="Load a gaspar echo server in a closed loop, over protocol v1 or v2."
-    )
-    parser.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
-    parser.add_argument("--size", type=int, default=16, help="payload bytes")
-    parser.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default="v1",
-        help="v1: a fresh connection per request; v2: persistent pipelined connections",
-    )
-    parser.add_argument(
-        "--client",
-        choices=CLIENTS,
-        default="raw",
-        help="raw: this script's own asyncio code; aio: gaspar.aio (request / AsyncClient)",
-    )
-    parser.add_argument(
-        "--connections", type=int, default=1, help="v2: persistent connections per process"
-    )
-    parser.add_argument("--processes", type=int, default=1, help="generator processes")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per connect or reply"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON object (the summary goes to stderr)"
-    )
-    return parser
+# A generator process using this share of a core or more may be the bottleneck.
+_BUSY = 0.9
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the script; return its exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(
-            args.address,
-            args.concurrency,
-            args.duration,
-            args.size,
-            processes=args.processes,
-            warmup=args.warmup,
-            timeout=args.timeout,
-            protocol=args.protocol,
-            client=args.client,
-            connections=args.connections,
-        )
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"loadgen: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(format_summary(result), file=sys.stderr)
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_summary(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def format_report(result: dict[str, Any]) -> str:
+    """The final summary for a human, on several lines: the run, req/s, latency, errors, CPU."""
+    lat = result["latency_ms"]
+    conns = result.get("connections")
+    processes = result["processes"]
+    payload = "fixed" if result.get("payload") == "fixed" else "random"
+    lines = [
+        f"gaspar bench {result['address']}: protocol {result['protocol']},"
+        f" {result['client']} client, concurrency {result['concurrency']},"
+        f" {processes} process{'es' if processes > 1 else ''}"
+        + (f", {conns} connection{'s' if conns > 1 else ''}" if conns else ""),
+        f"  {result['size']:,}-byte {payload} payloads,"
+        f" echo check {'on' if result.get('check_echo') else 'off'},"
+        f" {result['warmup']:g}s warmup + {result['duration']:g}s measured",
+        f"requests/s  {result['rps']:,.0f}  ({result['requests']:,} ok)",
+        "latency     "
+        + (
+            "  ".join(f"{q} {_fmt_ms(lat[q])} ms" for q in ("p50", "p90", "p99", "max"))
+            if result["requests"]
+            else "- (no request succeeded)"
+        ),
+    ]
+    errors = f"errors      {_error_text(result['errors'])}"
+    if result.get("warmup_errors"):
+        errors += f"  (and {result['warmup_errors']:,} during the warmup, not counted)"
+    lines.append(errors)
+    details = sorted(result.get("details", {}).items(), key=lambda item: -item[1])
+    lines.extend(f"              {key} ({count:,})" for key, count in details[:5])
+    cpu = result["cpu"]
+    usage = f"generator   CPU {cpu['share']:.0%} of a core"
+    if processes > 1:
+        usage += f" over {processes} processes (busiest {cpu['busiest_process']:.0%})"
+    if cpu["busiest_process"] >= _BUSY:
+        usage += "; near a full core, the generator may be the limit: add --processes"
+    lines.append(usage)
+    return "\n".join(lines)

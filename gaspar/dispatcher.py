@@ -36,7 +36,7 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 
-Callback = Callable[[Status, bytes], None]
+Callback = Callable[[Status, bytes | memoryview], None]
 
 
 class Job:
@@ -220,7 +220,7 @@ class Dispatcher:
         while self._idle and self._pending:
             self._send(self._idle.popleft(), self._pending.popleft())
 
-    def _finish(self, job: Job, outcome: Status, data: bytes) -> None:
+    def _finish(self, job: Job, outcome: Status, data: bytes | memoryview) -> None:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
@@ -288,12 +288,12 @@ class Dispatcher:
             try:
                 if not sock.get(wp.RCVMORE):
                     raise ValueError("message without a body")
-                kind, jid, body = wp.split(sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK)
+                kind, jid, body = wp.split(sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False)
                 self._handle(identity, kind, jid, body)
             except Exception:
                 log.exception("malformed message from a worker dropped")
 
-    def _handle(self, identity: bytes, kind: bytes, jid: bytes, body: bytes) -> None:
+    def _handle(self, identity: bytes, kind: bytes, jid: bytes, body: bytes | memoryview) -> None:
         if kind == wp.DONE or kind == wp.FAILED:
             slot = self._workers.get(identity)
             if slot is None or slot.doomed:
@@ -306,7 +306,7 @@ class Dispatcher:
             self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
             self._became_idle(slot)
         elif kind == wp.READY:
-            info = wp.parse_ready(body)
+            info = wp.parse_ready(bytes(body))
             pid = int(info["pid"])  # type: ignore[call-overload]
             exited_at = self._recently_exited.pop(pid, None)
             if identity in self._workers or (

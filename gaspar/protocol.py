@@ -293,27 +293,29 @@ class ServerReader:
         buf += data
         events: list[Request | Refused] = []
         pos, end = 0, len(buf)
-        while end - pos >= REQUEST_V2.size:
-            request_id, length = REQUEST_V2.unpack_from(buf, pos)
-            if length > self.max_message_size:
-                events.append(
-                    Refused(
-                        request_id,
-                        Status.TOO_LARGE,
-                        f"request of {length} bytes exceeds the limit of "
-                        f"{self.max_message_size} bytes",
+        # Slices of a view copy once; slices of the bytearray would copy twice.
+        with memoryview(buf) as view:
+            while end - pos >= REQUEST_V2.size:
+                request_id, length = REQUEST_V2.unpack_from(buf, pos)
+                if length > self.max_message_size:
+                    events.append(
+                        Refused(
+                            request_id,
+                            Status.TOO_LARGE,
+                            f"request of {length} bytes exceeds the limit of "
+                            f"{self.max_message_size} bytes",
+                        )
                     )
-                )
-                pos += REQUEST_V2.size
-                dropped = min(length, end - pos)
-                pos += dropped
-                self._skip = length - dropped
-                continue
-            start = pos + REQUEST_V2.size
-            if end - start < length:
-                break
-            events.append(Request(request_id, bytes(buf[start : start + length])))
-            pos = start + length
+                    pos += REQUEST_V2.size
+                    dropped = min(length, end - pos)
+                    pos += dropped
+                    self._skip = length - dropped
+                    continue
+                start = pos + REQUEST_V2.size
+                if end - start < length:
+                    break
+                events.append(Request(request_id, bytes(view[start : start + length])))
+                pos = start + length
         del buf[:pos]
         return events
 
@@ -343,18 +345,19 @@ class ReplyReaderV2:
             self.greeted = True
             pos = HEADER_SIZE
         replies: list[Reply] = []
-        while end - pos >= REPLY_V2.size:
-            request_id, status, length = REPLY_V2.unpack_from(buf, pos)
-            if self.max_reply_size is not None and length > self.max_reply_size:
-                raise LimitExceeded(length, self.max_reply_size)
-            start = pos + REPLY_V2.size
-            if end - start < length:
-                break
-            try:
-                code = Status(status)
-            except ValueError:
-                raise ProtocolError(f"unknown reply status {status}") from None
-            replies.append(Reply(request_id, code, bytes(buf[start : start + length])))
-            pos = start + length
+        with memoryview(buf) as view:
+            while end - pos >= REPLY_V2.size:
+                request_id, status, length = REPLY_V2.unpack_from(buf, pos)
+                if self.max_reply_size is not None and length > self.max_reply_size:
+                    raise LimitExceeded(length, self.max_reply_size)
+                start = pos + REPLY_V2.size
+                if end - start < length:
+                    break
+                try:
+                    code = Status(status)
+                except ValueError:
+                    raise ProtocolError(f"unknown reply status {status}") from None
+                replies.append(Reply(request_id, code, bytes(view[start : start + length])))
+                pos = start + length
         del buf[:pos]
         return replies

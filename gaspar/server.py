@@ -290,7 +290,7 @@ class Connection(asyncio.Protocol):
             self.server.queue_full(self.server.dispatcher.max_queue)
             self.fail()
 
-    def _v1_outcome(self, status: Status, data: bytes) -> None:
+    def _v1_outcome(self, status: Status, data: bytes | memoryview) -> None:
         self.job = None
         if self.state != WAITING:
             return
@@ -335,7 +335,7 @@ class Connection(asyncio.Protocol):
                     self.jobs[rid] = job
         self._v2_timers(progress=bool(events))
 
-    def _v2_outcome(self, rid: int, status: Status, data: bytes) -> None:
+    def _v2_outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
         self.jobs.pop(rid, None)
         if self.state == CLOSED:
             return
@@ -345,7 +345,7 @@ class Connection(asyncio.Protocol):
         else:
             self._v2_timers()
 
-    def _v2_reply(self, rid: int, status: Status, body: bytes) -> None:
+    def _v2_reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
         transport = self.transport
         assert transport is not None
         if len(body) >= _SPLIT_WRITE:

@@ -88,6 +88,7 @@ def serve(consumer: Consumer, endpoint: str) -> None:
 def _answer(consumer: Consumer, sock: zmq.Socket[bytes], first: bytes) -> None:
     try:
         kind, jid, payload = wp.split(first, sock)
+        assert isinstance(payload, bytes)  # split copies by default
         if kind != wp.JOB:
             raise ValueError(f"unexpected message kind {kind!r}")
     except ValueError as exc:

@@ -63,15 +63,18 @@ def send(
         sock.send(body, copy=False)
 
 
-def split(first: bytes, sock: zmq.Socket[bytes], flags: int = 0) -> tuple[bytes, bytes, bytes]:
+def split(
+    first: bytes, sock: zmq.Socket[bytes], flags: int = 0, copy: bool = True
+) -> tuple[bytes, bytes, bytes | memoryview]:
     """Parse a message whose first frame is `first`: (kind, job id, body).
 
-    Reads the body frame when there is one; raises ValueError for a message
-    of the wrong shape, after draining its remaining frames.
+    Reads the body frame when there is one (with copy=False, as a view of the
+    ZeroMQ message, which saves copying a large body once more); raises
+    ValueError for a message of the wrong shape, after draining its frames.
     """
-    body = first[HEAD_SIZE:]
+    body: bytes | memoryview = first[HEAD_SIZE:]
     if sock.get(RCVMORE):
-        body = sock.recv(flags)
+        body = sock.recv(flags) if copy else sock.recv(flags, copy=False).buffer
         if sock.get(RCVMORE):
             while sock.get(RCVMORE):
                 sock.recv(flags)

@@ -10,11 +10,20 @@ from hypothesis import strategies as st
 
 from gaspar.client import pack as client_pack
 from gaspar.protocol import (
+    MAGIC_V2,
+    MAX_MESSAGE_SIZE_LIMIT,
     LimitExceeded,
     ProtocolError,
+    Refused,
     ReplyReader,
+    ReplyReaderV2,
+    Request,
     RequestReader,
+    ServerReader,
+    Status,
     pack,
+    pack_reply_v2,
+    pack_request_v2,
     to_bytes,
 )
 
@@ -122,3 +131,88 @@ def test_arbitrary_bytes_never_crash_or_exceed_limit(data: bytes, cuts: list[int
         (length,) = struct.unpack("!I", data[:4])
         assert results[0] == data[4 : 4 + length] and length <= 256
         assert len(data) == 4 + length
+
+
+# -- v2 ------------------------------------------------------------------------------
+
+
+def feed_all(reader, data: bytes, cuts: list[int]) -> list:
+    events = []
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    for start, end in zip([0, *points], [*points, len(data)], strict=True):
+        events.extend(reader.feed(data[start:end]))
+    return events
+
+
+def test_preamble_is_no_valid_v1_length() -> None:
+    assert int.from_bytes(MAGIC_V2, "big") > MAX_MESSAGE_SIZE_LIMIT
+
+
+def test_server_reader_detects_v1_and_v2() -> None:
+    v1 = ServerReader()
+    assert v1.feed(pack(b"one")) == [Request(0, b"one")] and v1.version == 1
+    v2 = ServerReader()
+    assert v2.feed(MAGIC_V2[:2]) == [] and v2.version == 0
+    assert v2.feed(MAGIC_V2[2:] + pack_request_v2(5, b"x")) == [Request(5, b"x")]
+    assert v2.version == 2 and not v2.in_frame
+
+
+def test_v2_oversized_request_is_refused_and_skipped() -> None:
+    reader = ServerReader(max_message_size=4)
+    data = MAGIC_V2 + pack_request_v2(1, b"123456789") + pack_request_v2(2, b"ok")
+    events = feed_all(reader, data, [10, 15, 20])
+    assert [type(e) for e in events] == [Refused, Request]
+    assert events[0].id == 1 and events[0].status is Status.TOO_LARGE
+    assert events[1] == Request(2, b"ok")
+
+
+@given(
+    frames=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=8),
+    cuts=st.lists(st.integers(0, 3000), max_size=20),
+)
+def test_v2_requests_survive_any_split(frames: list[tuple[int, bytes]], cuts: list[int]) -> None:
+    data = MAGIC_V2 + b"".join(pack_request_v2(i, p) for i, p in frames)
+    limit = 200
+    events = feed_all(ServerReader(max_message_size=limit), data, cuts)
+    expected = [Request(i, p) if len(p) <= limit else ("refused", i) for i, p in frames]
+    got = [e if isinstance(e, Request) else ("refused", e.id) for e in events]
+    assert got == expected
+
+
+@given(
+    replies=st.lists(
+        st.tuples(
+            st.integers(0, 2**32 - 1), st.sampled_from(list(Status)), st.binary(max_size=300)
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(0, 3000), max_size=20),
+)
+def test_v2_replies_survive_any_split(
+    replies: list[tuple[int, Status, bytes]], cuts: list[int]
+) -> None:
+    data = MAGIC_V2 + b"".join(pack_reply_v2(i, s, b) for i, s, b in replies)
+    got = feed_all(ReplyReaderV2(), data, cuts)
+    assert [(r.id, r.status, r.body) for r in got] == replies
+
+
+def test_reply_reader_rejects_a_non_v2_server_and_large_replies() -> None:
+    with pytest.raises(ProtocolError):
+        ReplyReaderV2().feed(b"\x00\x00")
+    with pytest.raises(ProtocolError):
+        ReplyReaderV2().feed(b"hello")
+    with pytest.raises(LimitExceeded):
+        ReplyReaderV2(max_reply_size=3).feed(MAGIC_V2 + pack_reply_v2(1, Status.OK, b"four"))
+    with pytest.raises(ProtocolError):
+        ReplyReaderV2().feed(MAGIC_V2 + b"\x00\x00\x00\x01\x63\x00\x00\x00\x00")
+
+
+@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=10))
+def test_server_reader_fuzz(data: bytes, cuts: list[int]) -> None:
+    """Any bytes: events, NEED_DATA or ProtocolError; never a crash or an oversized payload."""
+    reader = ServerReader(max_message_size=256)
+    try:
+        events = feed_all(reader, data, cuts)
+    except ProtocolError:
+        return
+    assert all(len(e.payload) <= 256 for e in events if isinstance(e, Request))
