@@ -8,7 +8,8 @@ Usage, from anywhere::
 
 The server is ``python -m gaspar serve benchmarks.echo:echo --port 0`` run from
 the repository root.  A scenario is a (size, concurrency, client, protocol)
-combination, loaded by :func:`loadgen.run`; every scenario is run ``--repeat``
+combination, loaded by :func:`gaspar.bench.run` (the load generator behind
+``gaspar bench``, with echo checking on); every scenario is run ``--repeat``
 times, the scenarios interleaved (a, b, a, b, ...) so that a drift of the
 machine spreads over all of them, with v1 and v2 of the same client and
 concurrency next to each other.  The table shows medians over the repeats, and
@@ -37,10 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-try:
-    from . import loadgen
-except ImportError:  # run as a script: this directory is on sys.path
-    import loadgen  # type: ignore[no-redef, import-not-found]
+from gaspar import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 START_DEADLINE = 30.0
@@ -241,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--protocol",
         nargs="+",
-        choices=loadgen.PROTOCOLS,
+        choices=bench.PROTOCOLS,
         default=["v1", "v2"],
         help="v1: a connection per request; v2: persistent pipelined connections",
     )
     parser.add_argument(
         "--client",
         nargs="+",
-        choices=loadgen.CLIENTS,
+        choices=bench.CLIENTS,
         default=["raw", "aio"],
         help="raw: the load generator's own code; aio: gaspar.aio",
     )
@@ -301,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_ in range(args.repeat):
             for scenario in todo:
                 size, concurrency, client, protocol = scenario
-                result = loadgen.run(
+                result = bench.run(
                     address,
                     concurrency,
                     args.duration,
@@ -311,9 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     protocol=protocol,
                     client=client,
                     connections=args.connections,
+                    check_echo=True,  # the server is an echo
                 )
                 print(
-                    f"[{round_ + 1}/{args.repeat}] {loadgen.format_summary(result)}",
+                    f"[{round_ + 1}/{args.repeat}] {bench.format_summary(result)}",
                     file=sys.stderr,
                 )
                 results[scenario].append(result)

@@ -178,6 +178,8 @@ class LoadGen:
             argv = [str(C_LOADGEN), "--host", "127.0.0.1", "--port", str(port)]
             argv += ["--protocol", protocol, "--concurrency", str(concurrency)]
             argv += ["--duration", str(duration), "--warmup", str(warmup)]
+            # Two threads: on v1 one thread alone can be the limit against the C server.
+            argv += ["--threads", str(min(2, concurrency))]
             if mix:
                 argv += ["--mix", mix]
             elif payload_file:

@@ -79,6 +79,7 @@ import math
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import struct
 import sys
@@ -721,6 +722,8 @@ def _child_main(conn: Connection, plan: _Plan) -> None:
     def report(elapsed: float, ok: int, errors: int) -> None:
         conn.send(("progress", (elapsed, ok, errors)))
 
+    # Ctrl-C is the parent's to handle: it stops (kills) this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         loop, uses_uvloop = _new_loop()
         try:
@@ -974,6 +977,11 @@ def run(
         parts = _gather(
             conns, "result", warmup + duration + DRAIN_GRACE + RESULT_SLACK, on_progress
         )
+    except BaseException:  # a process failed, or Ctrl-C: stop the others at once
+        for child, _ in children:
+            if child.is_alive():
+                child.kill()
+        raise
     finally:
         for _, conn in children:
             conn.close()
