@@ -11,7 +11,9 @@ whatever outcome comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from functools import partial
 from typing import cast
@@ -116,6 +118,12 @@ class Server:
         self._server = await loop.create_server(
             lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
         )
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Wake us for a connection only once its first bytes are in: the
+            # accept and the read of a v1 request then cost one loop wake-up.
+            for sock in self._server.sockets:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
