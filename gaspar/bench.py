@@ -92,15 +92,9 @@ from typing import Any, TextIO, cast
 from .aio import AsyncClient
 from .aio import request as aio_request
 from .client import DEFAULT_MAX_REPLY_SIZE, parse_address
+from .clientcore import EXCEPTIONS
 from .errors import (
-    BadRequest,
-    HandlerError,
-    MessageTooLarge,
-    Overloaded,
     RequestFailed,
-    RequestTimeout,
-    ShuttingDown,
-    WorkerLost,
 )
 from .protocol import (
     MAGIC_V2,
@@ -155,16 +149,6 @@ PROGRESS_INTERVAL = 1.0
 
 _TAG = struct.Struct("!IQ")  # client id, sequence number
 
-# gaspar's exceptions for the v2 statuses, as the aio client raises them.
-_FAILURES: tuple[tuple[type[RequestFailed], Status], ...] = (
-    (HandlerError, Status.HANDLER_ERROR),
-    (RequestTimeout, Status.TIMEOUT),
-    (WorkerLost, Status.WORKER_LOST),
-    (Overloaded, Status.OVERLOADED),
-    (MessageTooLarge, Status.TOO_LARGE),
-    (BadRequest, Status.BAD_REQUEST),
-    (ShuttingDown, Status.SHUTTING_DOWN),
-)
 
 Exchange = Callable[[bytes], Awaitable[bytes]]
 
@@ -301,7 +285,7 @@ def _classify(exc: BaseException, too_large: str = "too_large") -> tuple[str, st
     `too_large` is the kind of a reply above the plan's limit (see :meth:`_Plan.too_large`).
     """
     if isinstance(exc, RequestFailed):  # from gaspar.aio
-        for failure, status in _FAILURES:
+        for status, failure in EXCEPTIONS.items():
             if isinstance(exc, failure):
                 return _STATUS_KINDS[status], None
         if exc.__cause__ is not None:  # ConnectionFailed, or a v1 reset

@@ -21,11 +21,13 @@ from .errors import (
 )
 from .protocol import MAX_REQUEST_ID, Status
 
-__all__ = ["PROTOCOLS", "RequestIds", "check_protocol", "failure"]
+__all__ = ["EXCEPTIONS", "PROTOCOLS", "RequestIds", "check_protocol", "failure"]
 
 PROTOCOLS = ("v1", "v2")
 
-_ERRORS: dict[Status, type[RequestFailed]] = {
+# The exception a client raises for each v2 status but OK.
+EXCEPTIONS: dict[Status, type[RequestFailed]] = {
+    Status.HANDLER_ERROR: HandlerError,
     Status.TIMEOUT: RequestTimeout,
     Status.WORKER_LOST: WorkerLost,
     Status.OVERLOADED: Overloaded,
@@ -48,7 +50,7 @@ def failure(status: Status, body: bytes, where: str) -> RequestFailed:
         exc = HandlerError.from_remote(text)
         exc.args = (f"{where}: {exc.args[0]}",)
         return exc
-    return _ERRORS.get(status, RequestFailed)(f"{where}: {text or status.name.lower()}")
+    return EXCEPTIONS.get(status, RequestFailed)(f"{where}: {text or status.name.lower()}")
 
 
 W = TypeVar("W")
