@@ -122,7 +122,10 @@ class Dispatcher:
         self._busy += 1
         if self._idle:
             self._send(self._idle.popleft(), job)
-            self._schedule_check()
+            # A send can consume the edge-triggered FD's notice of pending
+            # input: look now, and read on the next loop pass if there is some.
+            if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+                self._schedule_check()
         else:
             self._pending.append(job)
         return job
@@ -270,8 +273,6 @@ class Dispatcher:
     # -- socket ----------------------------------------------------------------
 
     def _schedule_check(self) -> None:
-        # A send can consume the edge-triggered FD's notification of pending
-        # input, so after sending outside _on_readable we look once more.
         if not self._check_scheduled:
             self._check_scheduled = True
             self._loop.call_soon(self._on_readable)

@@ -254,18 +254,24 @@ class ServerReader:
     def in_frame(self) -> bool:
         """True while part of a request (or of the preamble) is buffered or being skipped."""
         if self.version == 1:
-            assert self._v1 is not None
-            return self._v1.started and not self._v1.done
+            return self._v1 is not None and self._v1.started and not self._v1.done
         return bool(self._buf) or self._skip > 0
 
     def feed(self, data: bytes) -> list[Request | Refused]:
         """Consume `data`; raise ProtocolError (v1 only) when the stream is unusable."""
         if self.version == 1:
-            assert self._v1 is not None
+            if self._v1 is None:  # the request came whole in its first read
+                if data:
+                    raise ProtocolError("data after a complete v1 request")
+                return []
             payload = self._v1.feed(data)
             return [] if payload is None else [Request(0, payload)]
         if self.version == 0:
             if not self._buf and len(data) >= HEADER_SIZE and data[:HEADER_SIZE] != MAGIC_V2:
+                (length,) = HEADER.unpack_from(data)
+                if length == len(data) - HEADER_SIZE and length <= self.max_message_size:
+                    self.version = 1  # the usual case, with no reader to build
+                    return [Request(0, data[HEADER_SIZE:])]
                 return self._become_v1(data)
             self._buf += data
             if len(self._buf) < HEADER_SIZE:
