@@ -106,7 +106,8 @@ class Dispatcher:
 
     def worker_pids(self) -> list[int]:
         """Pids of the workers that are ready to take jobs or running one."""
-        return sorted(slot.pid for slot in self._workers.values() if not slot.doomed)
+        slots = list(self._workers.values())  # one C call: safe from another thread
+        return sorted(slot.pid for slot in slots if not slot.doomed)
 
     @property
     def outstanding(self) -> int:
