@@ -92,7 +92,7 @@ from typing import Any, TextIO, cast
 from .aio import AsyncClient
 from .aio import request as aio_request
 from .client import DEFAULT_MAX_REPLY_SIZE, parse_address
-from .clientcore import EXCEPTIONS
+from .clientcore import EXCEPTIONS, PROTOCOLS
 from .errors import (
     RequestFailed,
 )
@@ -117,7 +117,6 @@ __all__ = [
     "run",
 ]
 
-PROTOCOLS = ("v1", "v2")
 CLIENTS = ("raw", "aio")
 # v2 statuses other than OK, by lowercased name; TIMEOUT shares "timeout" with the client's own.
 _STATUS_KINDS: dict[Status, str] = {

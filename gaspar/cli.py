@@ -11,14 +11,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import bench
 from .client import parse_address, request
+from .clientcore import PROTOCOLS
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
 from .producer import Producer
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger("gaspar.cli")
+
+# gaspar.bench's clients and default timeout, kept here so that the module is
+# imported only by `gaspar bench` (it costs every `gaspar serve` process ~2 MB).
+BENCH_CLIENTS = ("raw", "aio")
+BENCH_TIMEOUT = 10.0
 
 
 class OneLineFormatter(logging.Formatter):
@@ -113,6 +118,8 @@ def _bench(args: argparse.Namespace) -> int:
             flush=True,
         )
     try:
+        from . import bench  # only here: `gaspar serve` processes need not carry it
+
         result = bench.run(
             args.address,
             args.concurrency,
@@ -270,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ben.add_argument(
         "--protocol",
-        choices=bench.PROTOCOLS,
+        choices=PROTOCOLS,
         default="v1",
         help="v1: a fresh connection per request (default); v2: persistent pipelined connections",
     )
     ben.add_argument(
         "--client",
-        choices=bench.CLIENTS,
+        choices=BENCH_CLIENTS,
         default="raw",
         help="raw: the generator's own asyncio code (default); aio: gaspar.aio's client",
     )
@@ -297,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument(
         "--timeout",
         type=positive,
-        default=bench.DEFAULT_TIMEOUT,
+        default=BENCH_TIMEOUT,
         metavar="S",
-        help=f"seconds per connect and per reply (default {bench.DEFAULT_TIMEOUT:g})",
+        help=f"seconds per connect and per reply (default {BENCH_TIMEOUT:g})",
     )
     ben.add_argument(
         "--check-echo",

@@ -167,3 +167,12 @@ def test_second_signal_cuts_the_grace_period_short(tmp_path) -> None:
     caller.join(30)
     assert time.monotonic() - started < 20
     assert isinstance(outcome[0], RequestFailed)
+
+
+def test_serving_does_not_load_the_benchmark_tool() -> None:
+    code = "import sys, gaspar.cli; print('gaspar.bench' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, cwd=ROOT)
+    assert out.stdout.strip() == b"False"
+    from gaspar import bench, cli
+
+    assert cli.BENCH_CLIENTS == bench.CLIENTS and cli.BENCH_TIMEOUT == bench.DEFAULT_TIMEOUT
