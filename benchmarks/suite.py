@@ -497,6 +497,12 @@ def targets(suite: Suite) -> list[tuple[str, str, str]]:
             1.0,
             False,
         )
+        pss = lambda snap: sum(p["pss_kib"] for p in snap)  # noqa: E731
+        value = pss(mem["gaspar"]["end"]) / pss(mem["uvloop+PPE"]["end"])
+        # RSS counts the pages forked processes share once per process; PSS splits them.
+        out.append(
+            ("memory: gaspar total PSS / baseline total PSS (reference)", f"{value:.2f}x", "-")
+        )
     return out
 
 
