@@ -14,7 +14,7 @@ import gaspar
 from gaspar.client import request
 from gaspar.protocol import pack
 from tests import handlers
-from tests.conftest import alive, connect, raw_request, read_to_eof
+from tests.conftest import alive, connect, raw_request, read_to_eof, wait_until
 
 
 def assert_reset(address: tuple[str, int], payload: bytes, timeout: float = 10.0) -> None:
@@ -137,18 +137,13 @@ def test_disconnected_client_queued_request_is_dropped(serve) -> None:
     try:
         dispatcher = producer._dispatcher
         assert dispatcher is not None
-        deadline = time.monotonic() + 10
-        while dispatcher.outstanding < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # poll interval, bounded by the deadline
+        assert wait_until(lambda: dispatcher.outstanding == 1)
         with connect(producer.address) as sock:
             sock.sendall(pack(b"sleep:5"))
-            while dispatcher.outstanding < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)  # poll interval, bounded by the deadline
-            assert dispatcher.outstanding == 2
+            assert wait_until(lambda: dispatcher.outstanding == 2)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        while dispatcher.outstanding > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # poll interval, bounded by the deadline
-        assert dispatcher.outstanding <= 1  # the queued 5 s job is gone, never run
+        # The queued 5 s job is gone, never run.
+        assert wait_until(lambda: dispatcher.outstanding <= 1)
     finally:
         busy.join(20)
     started = time.monotonic()
@@ -173,10 +168,8 @@ def test_overload_refuses_at_once(serve) -> None:
     assert dispatcher is not None
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while dispatcher.outstanding < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)  # poll interval, bounded by the deadline
-    assert dispatcher.outstanding == 2  # one running, one queued: the queue is full
+    # One running, one queued: the queue is full.
+    assert wait_until(lambda: dispatcher.outstanding == 2)
     started = time.monotonic()
     assert_reset(producer.address, b"echo:too many")
     assert time.monotonic() - started < 0.9  # refused, not queued behind the 1 s job
@@ -224,9 +217,7 @@ def test_long_request_never_holds_up_a_short_one(serve) -> None:
     try:
         dispatcher = producer._dispatcher
         assert dispatcher is not None
-        deadline = time.monotonic() + 10
-        while dispatcher.outstanding < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # poll interval, bounded by the deadline
+        assert wait_until(lambda: dispatcher.outstanding == 1)
         for _ in range(10):
             started = time.monotonic()
             assert request(producer.address, b"echo:short", timeout=10) == b"short"

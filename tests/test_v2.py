@@ -15,7 +15,7 @@ import pytest
 
 import gaspar
 from tests import handlers
-from tests.conftest import read_to_eof
+from tests.conftest import read_to_eof, wait_until
 
 PREAMBLE = b"\xffGS\x02"
 
@@ -146,9 +146,7 @@ def test_stop_answers_in_flight_then_shutting_down(serve) -> None:
     client.send(1, b"sleep:0.3")
     client.send(2, b"sleep:30")  # queued behind the first
     dispatcher = producer._dispatcher
-    deadline = time.monotonic() + 10
-    while dispatcher.outstanding < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)  # poll interval, bounded by the deadline
+    assert wait_until(lambda: dispatcher.outstanding == 2)
     stopper = threading.Thread(target=producer.stop, kwargs={"grace": 1.0})
     stopper.start()
     assert client.reply() == (1, OK, b"slept:0.3")

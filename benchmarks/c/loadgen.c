@@ -238,13 +238,19 @@ struct thread {
     struct samples *lat; /* per class */
 };
 
+/* Print "loadgen: <message>" on stderr. */
+static void vreport(const char *fmt, va_list ap)
+{
+    fputs("loadgen: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
 _Noreturn static void die(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fputs("loadgen: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vreport(fmt, ap);
     va_end(ap);
     exit(1);
 }
@@ -1142,9 +1148,7 @@ _Noreturn static void bad_args(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fputs("loadgen: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vreport(fmt, ap);
     va_end(ap);
     usage();
     exit(2);
