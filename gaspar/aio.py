@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from . import netutil
 from .client import DEFAULT_MAX_REPLY_SIZE, Message, parse_address
-from .clientcore import RequestIds, check_protocol, failure
+from .clientcore import RequestIds, as_request_failed, check_protocol, failure
 from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTimeout
 from .protocol import (
     MAGIC_V2,
@@ -63,14 +63,11 @@ async def request(
     data = pack(message)
     try:
         return await asyncio.wait_for(_v1_exchange(host, port, data, max_reply_size), timeout)
-    except asyncio.TimeoutError as exc:
-        raise RequestTimeout(f"{where}: no reply within {timeout}s") from exc
-    except ConnectionResetError as exc:
-        raise RequestFailed(f"{where}: the server reset the connection") from exc
-    except LimitExceeded as exc:
-        raise MessageTooLarge(f"{where}: reply too large: {exc}") from exc
-    except OSError as exc:
-        raise ConnectionFailed(f"{where}: connection failed: {exc}") from exc
+    except Exception as exc:
+        failed = as_request_failed(exc, where)
+        if failed is None:
+            raise
+        raise failed from exc
 
 
 async def _v1_exchange(host: str, port: int, data: bytes, max_reply_size: int | None) -> bytes:

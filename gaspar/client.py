@@ -20,11 +20,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .clientcore import RequestIds, check_protocol, failure
-from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTimeout
+from .clientcore import RequestIds, as_request_failed, check_protocol, failure
+from .errors import ConnectionFailed, RequestFailed, RequestTimeout
 from .protocol import (
     MAGIC_V2,
-    LimitExceeded,
     ProtocolError,
     ReplyReader,
     ReplyReaderV2,
@@ -90,23 +89,14 @@ T = TypeVar("T")
 
 
 def _translate(where: str, call: Callable[[], T], reset: type[RequestFailed] = RequestFailed) -> T:
-    """Run `call`, turning socket and framing errors into RequestFailed subclasses.
-
-    A reset is how v1 reports a failed request (RequestFailed); in v2, where
-    failures are replies, it means the connection broke (ConnectionFailed).
-    """
+    """Run `call`, turning socket and framing errors into RequestFailed subclasses."""
     try:
         return call()
-    except TimeoutError as exc:
-        raise RequestTimeout(f"{where}: no reply in time") from exc
-    except ConnectionResetError as exc:
-        raise reset(f"{where}: the server reset the connection") from exc
-    except LimitExceeded as exc:
-        raise MessageTooLarge(f"{where}: reply too large: {exc}") from exc
-    except ProtocolError as exc:
-        raise ConnectionFailed(f"{where}: {exc}") from exc
-    except OSError as exc:
-        raise ConnectionFailed(f"{where}: connection failed: {exc}") from exc
+    except Exception as exc:
+        failed = as_request_failed(exc, where, reset)
+        if failed is None:
+            raise
+        raise failed from exc
 
 
 def request(

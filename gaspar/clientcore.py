@@ -7,10 +7,12 @@ the mapping from a reply's status to a typed exception.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Generic, TypeVar
 
 from .errors import (
     BadRequest,
+    ConnectionFailed,
     HandlerError,
     MessageTooLarge,
     Overloaded,
@@ -19,9 +21,16 @@ from .errors import (
     ShuttingDown,
     WorkerLost,
 )
-from .protocol import MAX_REQUEST_ID, Status
+from .protocol import MAX_REQUEST_ID, LimitExceeded, ProtocolError, Status
 
-__all__ = ["EXCEPTIONS", "PROTOCOLS", "RequestIds", "check_protocol", "failure"]
+__all__ = [
+    "EXCEPTIONS",
+    "PROTOCOLS",
+    "RequestIds",
+    "as_request_failed",
+    "check_protocol",
+    "failure",
+]
 
 PROTOCOLS = ("v1", "v2")
 
@@ -51,6 +60,27 @@ def failure(status: Status, body: bytes, where: str) -> RequestFailed:
         exc.args = (f"{where}: {exc.args[0]}",)
         return exc
     return EXCEPTIONS.get(status, RequestFailed)(f"{where}: {text or status.name.lower()}")
+
+
+def as_request_failed(
+    exc: BaseException, where: str, reset: type[RequestFailed] = RequestFailed
+) -> RequestFailed | None:
+    """The RequestFailed for a socket or framing error, or None if `exc` is neither.
+
+    A reset is how v1 reports a failed request (RequestFailed); in v2, where
+    failures are replies, it means the connection broke (ConnectionFailed).
+    """
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return RequestTimeout(f"{where}: no reply in time")
+    if isinstance(exc, ConnectionResetError):
+        return reset(f"{where}: the server reset the connection")
+    if isinstance(exc, LimitExceeded):
+        return MessageTooLarge(f"{where}: reply too large: {exc}")
+    if isinstance(exc, ProtocolError):
+        return ConnectionFailed(f"{where}: {exc}")
+    if isinstance(exc, OSError):
+        return ConnectionFailed(f"{where}: connection failed: {exc}")
+    return None
 
 
 W = TypeVar("W")

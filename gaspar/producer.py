@@ -24,7 +24,6 @@ import signal
 import tempfile
 import threading
 from types import TracebackType
-from typing import Any
 
 import zmq
 
@@ -382,8 +381,3 @@ class Producer:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-
-
-def serve(target: Any, port: int, **options: Any) -> None:
-    """Shorthand for ``Producer(target, port, **options).start()``."""
-    Producer(target, port, **options).start()

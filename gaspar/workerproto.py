@@ -46,11 +46,6 @@ def job_id(n: int) -> bytes:
     return struct.pack("!Q", n)
 
 
-def head(kind: bytes, jid: bytes) -> bytes:
-    """The first frame without an inline body."""
-    return kind + jid
-
-
 def send(
     sock: zmq.Socket[bytes], kind: bytes, jid: bytes, body: bytes | bytearray | memoryview
 ) -> None:

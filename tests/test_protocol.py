@@ -28,15 +28,15 @@ from gaspar.protocol import (
 )
 
 
-def feed_chunks(reader: RequestReader, data: bytes, cuts: list[int]) -> list[bytes]:
-    """Feed `data` split at `cuts`; return every payload the reader produced."""
-    out = []
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` split at `cuts`, as a peer's reads might deliver it."""
     points = sorted({c for c in cuts if 0 < c < len(data)})
-    for start, end in zip([0, *points], [*points, len(data)], strict=True):
-        result = reader.feed(data[start:end])
-        if result is not None:
-            out.append(result)
-    return out
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def feed_chunks(reader: RequestReader, data: bytes, cuts: list[int]) -> list[bytes]:
+    """Feed a v1 reader `data` in pieces; return every payload it produced."""
+    return [p for p in (reader.feed(piece) for piece in pieces(data, cuts)) if p is not None]
 
 
 def test_pack_is_the_original_format() -> None:
@@ -137,11 +137,8 @@ def test_arbitrary_bytes_never_crash_or_exceed_limit(data: bytes, cuts: list[int
 
 
 def feed_all(reader, data: bytes, cuts: list[int]) -> list:
-    events = []
-    points = sorted({c for c in cuts if 0 < c < len(data)})
-    for start, end in zip([0, *points], [*points, len(data)], strict=True):
-        events.extend(reader.feed(data[start:end]))
-    return events
+    """Feed a reader that returns lists `data` in pieces; return everything it produced."""
+    return [event for piece in pieces(data, cuts) for event in reader.feed(piece)]
 
 
 def test_preamble_is_no_valid_v1_length() -> None:
