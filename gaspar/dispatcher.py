@@ -44,9 +44,9 @@ class Job:
 
     __slots__ = ("callback", "id", "payload", "timer", "worker")
 
-    def __init__(self, n: int, payload: bytes, callback: Callback) -> None:
+    def __init__(self, n: int, payload: bytes | bytearray, callback: Callback) -> None:
         self.id = wp.job_id(n)
-        self.payload: bytes | None = payload
+        self.payload: bytes | bytearray | None = payload
         self.callback: Callback | None = callback
         self.worker: WorkerSlot | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -114,7 +114,7 @@ class Dispatcher:
         """Jobs queued or running."""
         return self._busy
 
-    def submit(self, payload: bytes, callback: Callback) -> Job | None:
+    def submit(self, payload: bytes | bytearray, callback: Callback) -> Job | None:
         """Queue `payload` for the next idle worker; None when the queue is full."""
         if not self._idle and len(self._pending) >= self.max_queue:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -97,6 +98,42 @@ def test_truncated_request_is_dropped_after_read_timeout(serve) -> None:
     with connect(producer.address) as sock, pytest.raises(ConnectionResetError):
         read_to_eof(sock)
     assert raw_request(producer.address, b"fine") == b"fine"
+
+
+@pytest.mark.parametrize("use_uvloop", [True, False], ids=["uvloop", "asyncio"])
+def test_large_requests_arrive_whole_however_they_are_cut(serve, use_uvloop: bool) -> None:
+    producer = serve(handlers.echo, processes=1, use_uvloop=use_uvloop)
+    payload = os.urandom(1 << 20) * 3
+    assert raw_request(producer.address, payload, timeout=30) == payload
+    data = pack(payload)
+    for piece in (1000, 65536, 300_000):
+        with connect(producer.address, 30) as sock:
+            for i in range(0, len(data), piece):
+                sock.sendall(data[i : i + piece])
+            assert read_to_eof(sock) == payload
+
+
+@pytest.mark.parametrize("use_uvloop", [True, False], ids=["uvloop", "asyncio"])
+def test_large_request_cut_short_or_overrun_is_dropped(serve, use_uvloop: bool) -> None:
+    producer = serve(handlers.behave, processes=1, read_timeout=1.0, use_uvloop=use_uvloop)
+    (pid,) = producer.worker_pids()
+    # Whitespace pads the request to 1 MiB: float() ignores it.
+    data = pack(b"sleep:0.3" + b" " * (1 << 20))
+    with connect(producer.address) as sock:  # stalls half-way: reset at read_timeout
+        sock.sendall(data[: len(data) // 2])
+        with pytest.raises(ConnectionResetError):
+            read_to_eof(sock)
+    with connect(producer.address) as sock:  # leaves half-way
+        sock.sendall(data[: len(data) // 2])
+    with connect(producer.address) as sock:  # sends more than it announced
+        sock.sendall(data + b"junk")
+        with pytest.raises(ConnectionResetError):
+            read_to_eof(sock)
+    dispatcher = producer._dispatcher
+    assert dispatcher is not None
+    assert wait_until(lambda: dispatcher.outstanding == 0)
+    assert raw_request(producer.address, b"echo:" + b"k" * (1 << 20)) == b"k" * (1 << 20)
+    assert producer.worker_pids() == [pid]
 
 
 def test_slow_clients_do_not_delay_others(serve) -> None:

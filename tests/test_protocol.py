@@ -5,11 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaspar.client import pack as client_pack
 from gaspar.protocol import (
+    DIRECT_READ_MIN,
+    DIRECT_READ_RATIO,
     MAGIC_V2,
     MAX_MESSAGE_SIZE_LIMIT,
     LimitExceeded,
@@ -96,6 +98,80 @@ def test_bytes_after_the_request_are_an_error() -> None:
         reader.feed(b"x")
 
 
+def read_direct(reader: RequestReader, rest: bytes, step: int) -> bytes | bytearray | None:
+    """Write `rest` into the reader's buffer `step` bytes at a time, as recv_into would."""
+    payload = None
+    while rest:
+        buf = reader.buffer()
+        assert buf is not None
+        n = min(step, len(rest), len(buf))
+        buf[:n] = rest[:n]
+        rest = rest[n:]
+        payload = reader.advance(n)
+    return payload
+
+
+def test_large_payload_gets_a_buffer_only_after_a_sixteenth_has_arrived() -> None:
+    body = bytes(range(256)) * (DIRECT_READ_MIN // 256)
+    data = pack(body)
+    share = len(body) // DIRECT_READ_RATIO
+    reader = RequestReader()
+    assert reader.feed(data[: 4 + share - 1]) is None
+    assert reader.buffer() is None  # not yet: memory follows what the client has sent
+    assert reader.feed(data[4 + share - 1 : 4 + share]) is None
+    view = reader.buffer()
+    assert view is not None and len(view) == len(body) - share
+    assert read_direct(reader, data[4 + share :], 50_000) == body
+    assert reader.done and reader.buffer() is None
+
+
+def test_small_payloads_never_get_a_buffer() -> None:
+    reader = RequestReader()
+    data = pack(b"x" * (DIRECT_READ_MIN - 1))
+    assert reader.feed(data[:-1]) is None
+    assert reader.buffer() is None
+    assert reader.feed(data[-1:]) == b"x" * (DIRECT_READ_MIN - 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    cut=st.integers(min_value=1000, max_value=DIRECT_READ_MIN),
+    step=st.integers(min_value=1000, max_value=DIRECT_READ_MIN),
+    fed_after=st.integers(min_value=0, max_value=1000),
+)
+def test_direct_reads_and_fed_chunks_give_the_same_payload(
+    cut: int, step: int, fed_after: int
+) -> None:
+    body = bytes(range(251)) * (DIRECT_READ_MIN // 251 + 1)
+    data = pack(body)
+    reader = RequestReader()
+    pos, payload = 0, None
+    while reader.buffer() is None and payload is None:
+        payload = reader.feed(data[pos : pos + cut])
+        pos += cut
+    if payload is None:
+        # Some bytes may still come through feed() after the buffer exists.
+        payload = reader.feed(data[pos : pos + fed_after])
+        pos += fed_after
+    if payload is None:
+        payload = read_direct(reader, data[pos:], step)
+    assert payload == body
+
+
+def test_advance_past_the_buffer_is_refused() -> None:
+    body = b"y" * DIRECT_READ_MIN
+    reader = RequestReader()
+    reader.feed(pack(body)[: 4 + len(body) // 2])
+    view = reader.buffer()
+    assert view is not None
+    with pytest.raises(ValueError):
+        reader.advance(len(view) + 1)
+    view[:] = body[len(body) - len(view) :]
+    assert reader.advance(len(view)) == body
+    with pytest.raises(ValueError):
+        reader.advance(0)
+
+
 def test_started_tracks_first_byte() -> None:
     reader = RequestReader()
     assert not reader.started
@@ -116,6 +192,57 @@ def test_reply_reader_limit() -> None:
 @given(payload=st.binary(max_size=2048), cuts=st.lists(st.integers(0, 2100), max_size=20))
 def test_any_split_gives_back_the_payload(payload: bytes, cuts: list[int]) -> None:
     assert feed_chunks(RequestReader(), pack(payload), cuts) == [payload]
+
+
+def deliver(reader: ServerReader, data: bytes, cut: int, step: int) -> list[Request | Refused]:
+    """Give `data` to `reader` as the server does: fed in pieces, or read into buffer()."""
+    events: list[Request | Refused] = []
+    pos = 0
+    while pos < len(data):
+        buf = reader.buffer()
+        if buf is None:
+            events += reader.feed(data[pos : pos + cut])
+            pos += cut
+        else:
+            n = min(step, len(buf), len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+            pos += n
+            events += reader.advance(n)
+    return events
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 7, DIRECT_READ_MIN, 3 * DIRECT_READ_MIN]), max_size=5),
+    cut=st.integers(1000, 2 * DIRECT_READ_MIN),
+    step=st.integers(1000, 2 * DIRECT_READ_MIN),
+)
+def test_v2_large_frames_read_into_their_buffers(sizes: list[int], cut: int, step: int) -> None:
+    limit = 2 * DIRECT_READ_MIN
+    frames = [(i, bytes([i]) * size) for i, size in enumerate(sizes)]
+    data = MAGIC_V2 + b"".join(pack_request_v2(i, p) for i, p in frames)
+    events = deliver(ServerReader(max_message_size=limit), data, cut, step)
+    expected = [Request(i, p) if len(p) <= limit else ("refused", i) for i, p in frames]
+    got = [e if isinstance(e, Request) else ("refused", e.id) for e in events]
+    assert got == expected
+
+
+def test_v2_buffer_waits_for_a_sixteenth_of_the_frame() -> None:
+    body = b"q" * (DIRECT_READ_MIN * 2)
+    data = MAGIC_V2 + pack_request_v2(9, body) + pack_request_v2(10, b"next")
+    reader = ServerReader()
+    head = len(MAGIC_V2) + 8
+    share = len(body) // DIRECT_READ_RATIO
+    assert reader.feed(data[: head + share - 1]) == [] and reader.buffer() is None
+    assert reader.feed(data[head + share - 1 : head + share + 10]) == []
+    view = reader.buffer()
+    assert view is not None and len(view) == len(body) - share - 10 and reader.in_frame
+    # Bytes fed (not read into the buffer) still land in it, and the next frame follows.
+    rest = data[head + share + 10 :]
+    assert reader.feed(rest) == [Request(9, body), Request(10, b"next")]
+    assert reader.buffer() is None and not reader.in_frame
+    with pytest.raises(ValueError):
+        reader.advance(1)
 
 
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=10))

@@ -89,6 +89,33 @@ def test_every_failure_has_its_status(two_workers) -> None:
     client.close()
 
 
+def test_large_requests_pipelined_with_small_ones(two_workers) -> None:
+    client = MinimalClient(two_workers.address, timeout=30)
+    payloads = {
+        1: b"echo:" + bytes(range(256)) * 4096,
+        2: b"echo:small",
+        3: b"echo:" + b"\x07" * (3 << 20),
+        4: b"echo:" + b"\x09" * (1 << 18),
+    }
+    try:
+        data = b"".join(struct.pack("!II", i, len(p)) + p for i, p in payloads.items())
+
+        def send() -> None:  # while the replies are read, or the server would stop reading
+            for i in range(0, len(data), 200_000):
+                client.sock.sendall(data[i : i + 200_000])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        replies = {}
+        for _ in payloads:
+            rid, status, body = client.reply()
+            replies[rid] = (status, body)
+        sender.join(30)
+        assert replies == {i: (OK, p[5:]) for i, p in payloads.items()}
+    finally:
+        client.close()
+
+
 def test_too_large_is_skipped_and_the_connection_stays_usable(serve) -> None:
     producer = serve(handlers.echo, processes=1, max_message_size=1000)
     client = MinimalClient(producer.address)
