@@ -7,7 +7,7 @@ the mapping from a reply's status to a typed exception.
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from typing import Generic, TypeVar
 
 from .errors import (
@@ -62,6 +62,13 @@ def failure(status: Status, body: bytes, where: str) -> RequestFailed:
     return EXCEPTIONS.get(status, RequestFailed)(f"{where}: {text or status.name.lower()}")
 
 
+def _is_asyncio_timeout(exc: BaseException) -> bool:
+    # Before 3.11 asyncio has its own TimeoutError; looked up, not imported,
+    # so that the blocking client does not load asyncio.
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.TimeoutError)
+
+
 def as_request_failed(
     exc: BaseException, where: str, reset: type[RequestFailed] = RequestFailed
 ) -> RequestFailed | None:
@@ -70,7 +77,7 @@ def as_request_failed(
     A reset is how v1 reports a failed request (RequestFailed); in v2, where
     failures are replies, it means the connection broke (ConnectionFailed).
     """
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError) or _is_asyncio_timeout(exc):
         return RequestTimeout(f"{where}: no reply in time")
     if isinstance(exc, ConnectionResetError):
         return reset(f"{where}: the server reset the connection")

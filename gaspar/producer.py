@@ -11,11 +11,13 @@ wait until every worker has said READY.
 Stop: stop accepting, let queued and running requests finish within the
 grace period, fail the rest, flush replies, retire the workers and the
 supervisor, close sockets and remove the directory.
+
+asyncio, ZeroMQ, the server and the dispatcher are imported only once the
+supervisor is forked, so that it and every worker are spared their memory.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,16 +26,20 @@ import signal
 import tempfile
 import threading
 from types import TracebackType
-
-import zmq
+from typing import TYPE_CHECKING
 
 from .consumer import Consumer, Handler, as_consumer
-from .dispatcher import Dispatcher
 from .errors import StartupError
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, Status
-from .server import Limits, Server
-from .supervisor import SupervisorLink
-from .worker import EXIT_BOOT_ERROR
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, Limits, Status
+from .supervisor import EXIT_BOOT_ERROR, SupervisorLink
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import zmq
+
+    from .dispatcher import Dispatcher
+    from .server import Server
 
 log = logging.getLogger("gaspar.producer")
 
@@ -49,6 +55,8 @@ def available_cpus() -> int:
 
 def new_event_loop(use_uvloop: bool | None = None) -> asyncio.AbstractEventLoop:
     """A new loop: uvloop when installed (or when asked for), asyncio's otherwise."""
+    import asyncio
+
     if use_uvloop is not False:
         try:
             import uvloop
@@ -206,6 +214,8 @@ class Producer:
     def _in_loop_thread(self) -> bool:
         if self._loop_thread is not None:
             return threading.current_thread() is self._loop_thread
+        import asyncio
+
         loop = self._loop
         try:
             return asyncio.get_running_loop() is loop
@@ -255,6 +265,10 @@ class Producer:
         self._stop_event.set()
 
     async def _main(self, endpoint: str) -> None:
+        import asyncio
+
+        import zmq
+
         loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         link = self._link
@@ -288,6 +302,11 @@ class Producer:
         link: SupervisorLink,
         endpoint: str,
     ) -> None:
+        import asyncio
+
+        from .dispatcher import Dispatcher
+        from .server import Server
+
         boot_failed: list[int] = []
         dispatcher = Dispatcher(
             ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue

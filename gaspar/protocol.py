@@ -137,6 +137,35 @@ def pack(message: BytesLike | str) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
+class Limits:
+    """Per-connection bounds that the server enforces: sizes, counts and deadlines."""
+
+    __slots__ = (
+        "idle_timeout",
+        "max_connections",
+        "max_message_size",
+        "max_pipeline",
+        "read_timeout",
+        "write_timeout",
+    )
+
+    def __init__(
+        self,
+        max_message_size: int,
+        max_connections: int,
+        read_timeout: float,
+        write_timeout: float,
+        max_pipeline: int = 128,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.max_pipeline = max_pipeline
+        self.idle_timeout = idle_timeout
+
+
 class RequestReader:
     """Parse one v1 request from the bytes a connection delivers.
 

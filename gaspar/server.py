@@ -24,6 +24,7 @@ from .protocol import (
     MAGIC_V2,
     REPLY_V2,
     LimitExceeded,
+    Limits,
     ProtocolError,
     Refused,
     Request,
@@ -59,35 +60,6 @@ class Throttled:
             log.log(self.level, self.message + " (%d since the last report)", *args, self.count)
             self.count = 0
             self.next_at = now + self.interval
-
-
-class Limits:
-    """Per-connection bounds that the server enforces."""
-
-    __slots__ = (
-        "idle_timeout",
-        "max_connections",
-        "max_message_size",
-        "max_pipeline",
-        "read_timeout",
-        "write_timeout",
-    )
-
-    def __init__(
-        self,
-        max_message_size: int,
-        max_connections: int,
-        read_timeout: float,
-        write_timeout: float,
-        max_pipeline: int = 128,
-        idle_timeout: float = 300.0,
-    ) -> None:
-        self.max_message_size = max_message_size
-        self.max_connections = max_connections
-        self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
-        self.max_pipeline = max_pipeline
-        self.idle_timeout = idle_timeout
 
 
 class Server:

@@ -24,7 +24,6 @@ supervisor's death by a parent-death signal (Linux) or by being reparented.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import errno
@@ -36,11 +35,19 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import worker
 from .consumer import Consumer
 
+if TYPE_CHECKING:
+    import asyncio
+
 log = logging.getLogger("gaspar.supervisor")
+
+# Exit codes a worker process ends with.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BOOT_ERROR = 3
 
 # Backoff between attempts to replace a worker whose setup() failed.
 BOOT_BACKOFF_MIN = 0.5
@@ -71,6 +78,10 @@ class Supervisor:
     def run(self) -> int:
         """Serve until told to stop or orphaned; return the process exit code."""
         self._install_signals()
+        # The worker's code and ZeroMQ's module (not a context: no thread, no
+        # socket) are loaded once here, so that every worker shares their pages.
+        from . import worker  # noqa: F401
+
         if not self._wait_for_go():
             return 0
         while not self.stopping:
@@ -96,9 +107,11 @@ class Supervisor:
         """Fork one worker; the child never returns from here."""
         pid = os.fork()
         if pid == 0:
-            code = worker.EXIT_ERROR
+            code = EXIT_ERROR
             try:
                 self._become_worker()
+                from . import worker
+
                 code = worker.main(self.consumer, self.endpoint)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
@@ -128,7 +141,7 @@ class Supervisor:
             self.workers.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             self._tell(f"exited {pid} {code}")
-            if code == worker.EXIT_BOOT_ERROR:
+            if code == EXIT_BOOT_ERROR:
                 self.backoff = min(BOOT_BACKOFF_MAX, max(BOOT_BACKOFF_MIN, self.backoff * 2))
                 self.next_spawn = time.monotonic() + self.backoff
                 log.error("worker %d failed in setup(); next attempt in %.1fs", pid, self.backoff)
@@ -233,7 +246,7 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:
-        _flush_and_exit(worker.EXIT_ERROR)
+        _flush_and_exit(EXIT_ERROR)
 
 
 def _flush_and_exit(code: int) -> None:
@@ -254,6 +267,7 @@ class SupervisorLink:
         self._inbox = b""
         self._exit_code: int | None = None
         self._gone: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.on_spawned: Callable[[int], None] = lambda pid: None
         self.on_exited: Callable[[int, int], None] = lambda pid, code: None
         self.on_lost: Callable[[], None] = lambda: None
@@ -278,6 +292,7 @@ class SupervisorLink:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start reading the supervisor's reports on `loop`."""
         self.control.setblocking(False)
+        self._loop = loop
         self._gone = loop.create_future()
         loop.add_reader(self.control.fileno(), self._on_readable)
 
@@ -291,6 +306,8 @@ class SupervisorLink:
 
     async def stop(self, term_timeout: float) -> int:
         """Retire all workers and the supervisor; return the supervisor's exit code."""
+        import asyncio
+
         self._send(f"stop {term_timeout}")
         if self._gone is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -336,7 +353,8 @@ class SupervisorLink:
         except OSError:
             data = b""
         if not data:
-            asyncio.get_running_loop().remove_reader(self.control.fileno())
+            assert self._loop is not None
+            self._loop.remove_reader(self.control.fileno())
             if self._gone is not None and not self._gone.done():
                 self._gone.set_result(None)
             self.on_lost()

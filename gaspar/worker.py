@@ -1,8 +1,9 @@
 """The worker process: runs the consumer's handler on jobs from the dispatcher.
 
-A worker is forked by the supervisor and builds its own ZeroMQ context after
-the fork.  It runs ``setup()``, connects a DEALER to the dispatcher, says
-READY, then answers one job at a time.  It leaves when it is sent SIGTERM, or
+A worker is forked by the supervisor, which loads this module (and so
+ZeroMQ's) but creates no context: each worker builds its own after the fork.
+It runs ``setup()``, connects a DEALER to the dispatcher, says READY, then
+answers one job at a time.  It leaves when it is sent SIGTERM, or
 when its supervisor goes away: on Linux the kernel kills it then (a
 parent-death signal); elsewhere it notices within ORPHAN_CHECK seconds.
 """
@@ -19,6 +20,7 @@ import zmq
 
 from . import workerproto as wp
 from .consumer import Consumer
+from .supervisor import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK
 
 log = logging.getLogger("gaspar.worker")
 
@@ -30,12 +32,6 @@ def describe_error(exc: BaseException) -> str:
     """One-line summary of a handler exception for the dispatcher's log and client."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# Exit codes a worker process ends with; the supervisor reads them.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3
 
 
 def main(consumer: Consumer, endpoint: str) -> int:

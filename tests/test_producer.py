@@ -6,6 +6,8 @@ import contextlib
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -148,6 +150,51 @@ def test_supervisor_has_one_thread_and_no_zmq(serve) -> None:
     sup = producer.supervisor_pid
     assert len(os.listdir(f"/proc/{sup}/task")) == 1
     assert len(loop_and_zmq_fds(sup)) <= inherited
+
+
+LEAN_SCRIPT = """
+import sys
+import gaspar
+producer = gaspar.Producer(lambda message: message, 0, processes=2)
+producer.start(blocking=False)
+print(producer.supervisor_pid, *producer.worker_pids(), flush=True)
+sys.stdin.readline()
+producer.stop()
+"""
+
+
+def loaded(pid: int, library: str) -> bool:
+    """True if `pid` has a shared object whose name contains `library` mapped."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return library in maps.read()
+
+
+def test_supervisor_and_workers_carry_no_asyncio_and_no_zmq_context() -> None:
+    """Memory: what the producer loads after forking the supervisor stays in the producer."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LEAN_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        sup, *workers = (int(pid) for pid in proc.stdout.readline().split())
+        assert len(workers) == 2
+        assert loaded(proc.pid, "_asyncio")  # the producer has it: the check can see it
+        for pid in (sup, *workers):
+            assert not loaded(pid, "_asyncio")
+        # ZeroMQ's library is loaded once in the supervisor, shared by the workers; only
+        # workers run a context (its I/O thread).
+        assert loaded(sup, "libzmq") and all(loaded(pid, "libzmq") for pid in workers)
+        assert len(os.listdir(f"/proc/{sup}/task")) == 1
+        assert all(len(os.listdir(f"/proc/{pid}/task")) > 1 for pid in workers)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_ipv6(serve) -> None:
