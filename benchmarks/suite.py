@@ -57,11 +57,14 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log: list[str] = field(default_factory=list)
+    cwd: Path = ROOT
+    env: dict[str, str] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=ROOT,
+            cwd=self.cwd,
+            env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -12,7 +12,7 @@ Stop: stop accepting, let queued and running requests finish within the
 grace period, fail the rest, flush replies, retire the workers and the
 supervisor, close sockets and remove the directory.
 
-asyncio, ZeroMQ, the server and the dispatcher are imported only once the
+asyncio, uvloop, the server and the dispatcher are imported only once the
 supervisor is forked, so that it and every worker are spared their memory.
 """
 
@@ -143,6 +143,10 @@ class Producer:
             self.state = STARTING
         self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
         endpoint = f"ipc://{self._tmpdir}/workers"
+        # ZeroMQ's module (not a context: no thread, no socket) is loaded before
+        # the fork, so that the producer, the supervisor and the workers share it.
+        import zmq  # noqa: F401
+
         try:
             self._link = SupervisorLink.fork(self.consumer, endpoint, self.processes)
         except BaseException:

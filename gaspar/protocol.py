@@ -310,16 +310,7 @@ class ServerReader:
     new data completes: :class:`Request` and, in v2, :class:`Refused`.
     """
 
-    __slots__ = (
-        "_body",
-        "_body_have",
-        "_body_id",
-        "_buf",
-        "_skip",
-        "_v1",
-        "max_message_size",
-        "version",
-    )
+    __slots__ = ("_buf", "_skip", "_v1", "max_message_size", "version")
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
@@ -327,17 +318,13 @@ class ServerReader:
         self._v1: RequestReader | None = None
         self._buf = bytearray()
         self._skip = 0
-        # v2: a large frame's payload, read into a buffer of its size (as in RequestReader).
-        self._body: bytearray | None = None
-        self._body_have = 0
-        self._body_id = 0
 
     @property
     def in_frame(self) -> bool:
         """True while part of a request (or of the preamble) is buffered or being skipped."""
         if self.version == 1:
             return self._v1 is not None and self._v1.started and not self._v1.done
-        return bool(self._buf) or self._skip > 0 or self._body is not None
+        return bool(self._buf) or self._skip > 0
 
     def feed(self, data: bytes) -> list[Request | Refused]:
         """Consume `data`; raise ProtocolError (v1 only) when the stream is unusable."""
@@ -367,29 +354,15 @@ class ServerReader:
         return self._feed_v2(data)
 
     def buffer(self) -> memoryview | None:
-        """Where the rest of a large payload can be read to directly (see RequestReader)."""
-        if self._v1 is not None:
-            return self._v1.buffer()
-        if self._body is None:
-            return None
-        return memoryview(self._body)[self._body_have :]
+        """Where the rest of a large v1 payload can be read to directly (see RequestReader)."""
+        return None if self._v1 is None else self._v1.buffer()
 
     def advance(self, nbytes: int) -> list[Request | Refused]:
         """Count `nbytes` written into :meth:`buffer`; return the request once complete."""
-        if self._v1 is not None:
-            payload = self._v1.advance(nbytes)
-            return [] if payload is None else [Request(0, payload)]
-        if self._body is None or not 0 <= nbytes <= len(self._body) - self._body_have:
-            raise ValueError("advance() past the buffer")
-        self._body_have += nbytes
-        return self._body_done()
-
-    def _body_done(self) -> list[Request | Refused]:
-        body = self._body
-        if body is None or self._body_have < len(body):
-            return []
-        self._body = None
-        return [Request(self._body_id, body)]
+        if self._v1 is None:
+            raise ValueError("advance() without a buffer")
+        payload = self._v1.advance(nbytes)
+        return [] if payload is None else [Request(0, payload)]
 
     def _become_v1(self, data: bytes) -> list[Request | Refused]:
         self.version = 1
@@ -398,23 +371,13 @@ class ServerReader:
         return [] if payload is None else [Request(0, payload)]
 
     def _feed_v2(self, data: bytes) -> list[Request | Refused]:
-        events: list[Request | Refused] = []
-        if self._body is not None:
-            have = self._body_have
-            taken = min(len(data), len(self._body) - have)
-            with memoryview(data) as view:
-                self._body[have : have + taken] = view[:taken]
-            self._body_have = have + taken
-            events = self._body_done()
-            if self._body is not None:
-                return events
-            data = data[taken:]
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
         buf = self._buf
         buf += data
+        events: list[Request | Refused] = []
         pos, end = 0, len(buf)
         # Slices of a view copy once; slices of the bytearray would copy twice.
         with memoryview(buf) as view:
@@ -436,11 +399,6 @@ class ServerReader:
                     continue
                 start = pos + REQUEST_V2.size
                 if end - start < length:
-                    if length >= DIRECT_READ_MIN and (end - start) * DIRECT_READ_RATIO >= length:
-                        self._body = bytearray(length)
-                        self._body[: end - start] = view[start:end]
-                        self._body_have, self._body_id = end - start, request_id
-                        pos = end
                     break
                 events.append(Request(request_id, bytes(view[start : start + length])))
                 pos = start + length

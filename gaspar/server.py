@@ -204,12 +204,12 @@ class Connection(asyncio.Protocol):
             return
         self._received(events)
         if self.state == READING and reader.buffer() is not None:
-            # A large payload now has a buffer of its size: read the rest into it.
+            # A large v1 payload now has a buffer of its size: read the rest into it.
             assert self.transport is not None
             self.transport.set_protocol(BodyReader(self))
 
     def body_received(self, nbytes: int) -> None:
-        """`nbytes` more of a large payload were read into the reader's buffer."""
+        """`nbytes` more of a large v1 payload were read into the reader's buffer."""
         events = self.reader.advance(nbytes)
         if events:
             assert self.transport is not None
@@ -404,7 +404,7 @@ class Connection(asyncio.Protocol):
 
 
 class BodyReader(asyncio.BufferedProtocol):
-    """Stands in for a Connection while the rest of a large payload is read.
+    """Stands in for a Connection while the rest of a large v1 payload is read.
 
     The transport reads straight into the payload's buffer, with no copy per
     chunk and no join at the end; everything else goes to the connection.

@@ -78,8 +78,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until told to stop or orphaned; return the process exit code."""
         self._install_signals()
-        # The worker's code and ZeroMQ's module (not a context: no thread, no
-        # socket) are loaded once here, so that every worker shares their pages.
+        # The worker's code is loaded once here, so that every worker shares it.
         from . import worker  # noqa: F401
 
         if not self._wait_for_go():

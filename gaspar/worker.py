@@ -1,7 +1,7 @@
 """The worker process: runs the consumer's handler on jobs from the dispatcher.
 
-A worker is forked by the supervisor, which loads this module (and so
-ZeroMQ's) but creates no context: each worker builds its own after the fork.
+A worker is forked by the supervisor, which loads this module (and ZeroMQ's)
+but creates no context: each worker builds its own after the fork.
 It runs ``setup()``, connects a DEALER to the dispatcher, says READY, then
 answers one job at a time.  It leaves when it is sent SIGTERM, or
 when its supervisor goes away: on Linux the kernel kills it then (a

@@ -184,8 +184,8 @@ def test_supervisor_and_workers_carry_no_asyncio_and_no_zmq_context() -> None:
         assert loaded(proc.pid, "_asyncio")  # the producer has it: the check can see it
         for pid in (sup, *workers):
             assert not loaded(pid, "_asyncio")
-        # ZeroMQ's library is loaded once in the supervisor, shared by the workers; only
-        # workers run a context (its I/O thread).
+        # ZeroMQ's library is loaded before the fork and shared; in the supervisor's
+        # process no context (and so no I/O thread) runs.
         assert loaded(sup, "libzmq") and all(loaded(pid, "libzmq") for pid in workers)
         assert len(os.listdir(f"/proc/{sup}/task")) == 1
         assert all(len(os.listdir(f"/proc/{pid}/task")) > 1 for pid in workers)
