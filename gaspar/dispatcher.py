@@ -305,8 +305,9 @@ class Dispatcher:
                 log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
                 return
             slot.job = None
-            self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
+            # The worker's next job first: it then runs while this reply is written.
             self._became_idle(slot)
+            self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
         elif kind == wp.READY:
             info = wp.parse_ready(bytes(body))
             pid = int(info["pid"])  # type: ignore[call-overload]
