@@ -26,6 +26,7 @@ from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTim
 from .protocol import (
     MAGIC_V2,
     REQUEST_V2,
+    SPLIT_WRITE,
     LimitExceeded,
     ProtocolError,
     ReplyReader,
@@ -36,9 +37,6 @@ from .protocol import (
 )
 
 __all__ = ["AsyncClient", "request"]
-
-# Requests at least this large are written as header and payload, not concatenated.
-_SPLIT_WRITE = 64 * 1024
 
 
 async def request(
@@ -139,7 +137,7 @@ class _Connection(asyncio.Protocol):
         fut: asyncio.Future[tuple[Status, bytes]] = asyncio.get_running_loop().create_future()
         rid = self.ids.open(fut)
         header = REQUEST_V2.pack(rid, len(payload))
-        if len(payload) >= _SPLIT_WRITE:
+        if len(payload) >= SPLIT_WRITE:
             self.transport.writelines([header, payload])
         else:
             self.transport.write(header + payload)

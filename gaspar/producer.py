@@ -297,7 +297,7 @@ class Producer:
             grace = self.grace if self._stop_grace is None else self._stop_grace
             await self._drain(grace)
         finally:
-            await self._teardown(loop, ctx, link)
+            await self._teardown(ctx, link)
 
     async def _boot(
         self,
@@ -377,12 +377,7 @@ class Producer:
         if not await server.wait_closed(self.limits.write_timeout):
             server.abort_all()
 
-    async def _teardown(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ctx: zmq.Context[zmq.Socket[bytes]],
-        link: SupervisorLink,
-    ) -> None:
+    async def _teardown(self, ctx: zmq.Context[zmq.Socket[bytes]], link: SupervisorLink) -> None:
         if self._server is not None:
             self._server.stop_accepting()
             self._server.abort_all()
@@ -393,7 +388,7 @@ class Producer:
         code = await link.stop(term_timeout=5.0)
         if code != 0:
             log.warning("supervisor exited with code %d", code)
-        link.close(loop)
+        link.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
         ctx.term()

@@ -53,6 +53,9 @@ HEADER = struct.Struct("!I")
 HEADER_SIZE = HEADER.size
 MAX_LENGTH = 0xFFFFFFFF
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# Frames with a payload at least this large are written as header and payload
+# (two buffers to the transport), not concatenated into a copy.
+SPLIT_WRITE = 64 * 1024
 # Payloads at least this large may be read straight into a buffer of their size.
 DIRECT_READ_MIN = 256 * 1024
 # ... once this fraction (1/N) of them has arrived.

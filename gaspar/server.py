@@ -23,6 +23,7 @@ from .netutil import reset
 from .protocol import (
     MAGIC_V2,
     REPLY_V2,
+    SPLIT_WRITE,
     LimitExceeded,
     Limits,
     ProtocolError,
@@ -34,9 +35,6 @@ from .protocol import (
 )
 
 log = logging.getLogger("gaspar.server")
-
-# Replies at least this large are written as header and body, not concatenated.
-_SPLIT_WRITE = 64 * 1024
 
 READING, WAITING, WRITING, CLOSED = range(4)
 
@@ -202,8 +200,11 @@ class Connection(asyncio.Protocol):
             log.info("protocol error: %s", exc)
             self.fail()
             return
-        self._received(events)
-        if self.state == READING and reader.buffer() is not None:
+        if reader.version == 2:
+            self._v2_received(events)
+        elif events:
+            self._v1_received(events)
+        elif reader.buffer() is not None:
             # A large v1 payload now has a buffer of its size: read the rest into it.
             assert self.transport is not None
             self.transport.set_protocol(BodyReader(self))
@@ -213,16 +214,8 @@ class Connection(asyncio.Protocol):
         events = self.reader.advance(nbytes)
         if events:
             assert self.transport is not None
-            self.transport.set_protocol(self)  # what follows is parsed as usual
-            self._received(events)
-
-    def _received(self, events: list[Request | Refused]) -> None:
-        if self.reader.version == 2:
-            self._v2_received(events)
-        elif events:
-            (request,) = events
-            assert isinstance(request, Request)
-            self._v1_request(request.payload)
+            self.transport.set_protocol(self)  # later bytes or an EOF are ours to judge
+            self._v1_received(events)
 
     def eof_received(self) -> bool:
         if self.reader.version == 2:
@@ -276,6 +269,11 @@ class Connection(asyncio.Protocol):
             self.fail()
 
     # -- v1 ----------------------------------------------------------------------
+
+    def _v1_received(self, events: list[Request | Refused]) -> None:
+        (request,) = events
+        assert isinstance(request, Request)
+        self._v1_request(request.payload)
 
     def _v1_request(self, payload: bytes | bytearray) -> None:
         self._cancel_timer()
@@ -343,7 +341,7 @@ class Connection(asyncio.Protocol):
     def _v2_reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
         transport = self.transport
         assert transport is not None
-        if len(body) >= _SPLIT_WRITE:
+        if len(body) >= SPLIT_WRITE:
             transport.writelines([REPLY_V2.pack(rid, status, len(body)), body])
         else:
             transport.write(pack_reply_v2(rid, status, body))

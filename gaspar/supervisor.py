@@ -328,10 +328,10 @@ class SupervisorLink:
         self._exit_code = os.waitstatus_to_exitcode(status)
         return self._exit_code
 
-    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def close(self) -> None:
         """Stop reading and close our end of the control socket."""
-        if loop is not None and self.control.fileno() >= 0:
-            loop.remove_reader(self.control.fileno())
+        if self._loop is not None and self.control.fileno() >= 0:
+            self._loop.remove_reader(self.control.fileno())
         self.control.close()
 
     def _send(self, line: str) -> None:
