@@ -2,9 +2,18 @@
 
 This is the ZeroMQ Guide's load-balancing broker.  Workers connect DEALER
 sockets to our ROUTER and say READY; we keep one queue of waiting jobs and one
-queue of idle workers, and send a job only to a worker that is idle.  A long
+queue of idle workers, and send jobs only to a worker that is idle.  A long
 job therefore never holds up a short one while another worker is free, unlike
 PUSH/PULL round-robin, which deals work ahead to busy workers.
+
+Batches: when jobs are waiting for every worker and the handler's recent runs
+have all been short (see BATCH_BUDGET), a freed worker is sent several waiting
+jobs in one message, its share of the queue.  It runs them in order and answers
+each as soon as it is done.  That spreads ZeroMQ's cost per message (a wake-up
+of two I/O threads and the worker) over the batch, which is most of what tiny
+jobs cost; a batch is sized to run within BATCH_BUDGET, so what it can hold up
+is bounded, and any handler run longer than that stops batching until it has
+been forgotten.
 
 The dispatcher does not care where a worker runs: it knows a worker by its
 ZeroMQ identity, and learns of deaths through :meth:`worker_exited` (from the
@@ -32,6 +41,13 @@ log = logging.getLogger("gaspar.dispatcher")
 
 # A READY from a pid reported dead this recently is stale and is ignored.
 STALE_READY_WINDOW = 60.0
+# Batches: at most this many jobs, and this many payload bytes (each job's
+# payload below wp.SPLIT_BODY), sized to run within BATCH_BUDGET seconds by the
+# handler's recent peak run time, which decays by PEAK_DECAY with each reply.
+BATCH_MAX = 16
+BATCH_BYTES = 64 * 1024
+BATCH_BUDGET = 0.001
+PEAK_DECAY = 0.98
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
@@ -55,13 +71,16 @@ class Job:
 class WorkerSlot:
     """What the dispatcher knows of one worker."""
 
-    __slots__ = ("doomed", "host", "identity", "job", "pid")
+    __slots__ = ("batch", "doomed", "host", "identity", "job", "pid")
 
     def __init__(self, identity: bytes, pid: int, host: str) -> None:
         self.identity = identity
         self.pid = pid
         self.host = host
+        # The job it is running (the one whose reply comes next), and the rest
+        # of its batch, which it runs after it, in order.
         self.job: Job | None = None
+        self.batch: deque[Job] = deque()
         self.doomed = False
 
 
@@ -95,6 +114,9 @@ class Dispatcher:
         self._by_pid: dict[int, WorkerSlot] = {}
         self._recently_exited: dict[int, float] = {}
         self._busy = 0
+        # The handler's recent peak run time (s); unknown counts as the budget.
+        self._peak = BATCH_BUDGET
+        self.batches = 0
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # -- public ----------------------------------------------------------------
@@ -144,7 +166,11 @@ class Dispatcher:
             self._done()
 
     def worker_exited(self, pid: int, code: int) -> None:
-        """A worker process ended: fail its job, if any, and forget it."""
+        """A worker process ended: fail its jobs, if any, and forget it.
+
+        The rest of its batch fails too: whether the worker had started the
+        next job before it died cannot be known, and a job never runs twice.
+        """
         slot = self._by_pid.pop(pid, None)
         if slot is None:
             now = time.monotonic()
@@ -159,6 +185,10 @@ class Dispatcher:
             log.warning("worker %d exited unexpectedly (code %d)", pid, code)
         if slot.job is not None:
             self._finish(slot.job, Status.WORKER_LOST, b"the worker running the request died")
+        while slot.batch:
+            self._finish(
+                slot.batch.popleft(), Status.WORKER_LOST, b"the worker holding the request died"
+            )
         self._notify()
 
     def retire(self) -> None:
@@ -175,6 +205,8 @@ class Dispatcher:
             if slot.job is not None:
                 job, slot.job = slot.job, None
                 self._finish(job, outcome, message)
+            while slot.batch:
+                self._finish(slot.batch.popleft(), outcome, message)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until `predicate()` holds, re-checked after each worker or job event."""
@@ -214,15 +246,57 @@ class Dispatcher:
             self._pending.appendleft(job)
             self._dispatch()
             return
-        job.payload = None
         job.worker = slot
+        self._start(slot, job)
+
+    def _send_batch(self, slot: WorkerSlot, jobs: list[Job]) -> None:
+        """Give `jobs` to the idle worker `slot` in one message, to run in order."""
+        body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
+        try:
+            self._sock.send(slot.identity, wp.SNDMORE)
+            wp.send(self._sock, wp.BATCH, jobs[0].id, body, len(jobs))
+        except zmq.ZMQError as exc:
+            log.warning("worker %d unreachable (%s); requeueing its batch", slot.pid, exc)
+            self._remove(slot)
+            self._by_pid.pop(slot.pid, None)
+            self._pending.extendleft(reversed(jobs))
+            self._dispatch()
+            return
+        self.batches += 1
+        for job in jobs:
+            job.worker = slot
+        slot.batch.extend(jobs[1:])
+        self._start(slot, jobs[0])
+
+    def _start(self, slot: WorkerSlot, job: Job) -> None:
+        """`job` is the one `slot` runs now: its timeout starts."""
+        job.payload = None
         slot.job = job
         if self.timeout is not None:
             job.timer = self._loop.call_later(self.timeout, self._expire, slot, job)
 
+    def _take_batch(self) -> list[Job]:
+        """Jobs from the head of the queue for one worker: one, or a batch."""
+        pending = self._pending
+        first = pending.popleft()
+        if not pending or self._peak * 2 > BATCH_BUDGET:
+            return [first]
+        size = len(first.payload)  # type: ignore[arg-type]
+        share = (len(pending) + 1) // max(1, len(self._workers))
+        limit = min(BATCH_MAX, share, int(BATCH_BUDGET / max(self._peak, 1e-6)))
+        if size >= wp.SPLIT_BODY or limit < 2:
+            return [first]
+        jobs = [first]
+        while pending and len(jobs) < limit:
+            size += len(pending[0].payload)  # type: ignore[arg-type]
+            if size > BATCH_BYTES:
+                break
+            jobs.append(pending.popleft())
+        return jobs
+
     def _dispatch(self) -> None:
         while self._idle and self._pending:
-            self._send(self._idle.popleft(), self._pending.popleft())
+            self._became_idle(self._idle.popleft())
 
     def _finish(self, job: Job, outcome: Status, data: bytes | memoryview) -> None:
         if job.timer is not None:
@@ -250,8 +324,18 @@ class Dispatcher:
         log.warning(
             "job ran past the %.3gs timeout in worker %d; killing it", self.timeout, slot.pid
         )
+        # The rest of its batch waits behind the stuck job: it goes back to the
+        # head of the queue (those whose clients have gone are dropped).
+        while slot.batch:
+            held = slot.batch.pop()
+            held.worker = None
+            if held.callback is None:
+                self._done()
+            else:
+                self._pending.appendleft(held)
         self._finish(job, Status.TIMEOUT, b"request ran past the server's timeout")
         self._kill(slot.pid)
+        self._dispatch()
 
     # -- workers ---------------------------------------------------------------
 
@@ -261,10 +345,14 @@ class Dispatcher:
             self._idle.remove(slot)
 
     def _became_idle(self, slot: WorkerSlot) -> None:
-        if self._pending:
-            self._send(slot, self._pending.popleft())
-        else:
+        if not self._pending:
             self._idle.append(slot)
+            return
+        jobs = self._take_batch()
+        if len(jobs) == 1:
+            self._send(slot, jobs[0])
+        else:
+            self._send_batch(slot, jobs)
 
     def _notify(self) -> None:
         for predicate, fut in list(self._waiters):
@@ -290,12 +378,16 @@ class Dispatcher:
             try:
                 if not sock.get(wp.RCVMORE):
                     raise ValueError("message without a body")
-                kind, jid, body = wp.split(sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False)
-                self._handle(identity, kind, jid, body)
+                kind, jid, number, body = wp.split(
+                    sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False
+                )
+                self._handle(identity, kind, jid, number, body)
             except Exception:
                 log.exception("malformed message from a worker dropped")
 
-    def _handle(self, identity: bytes, kind: bytes, jid: bytes, body: bytes | memoryview) -> None:
+    def _handle(
+        self, identity: bytes, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
+    ) -> None:
         if kind == wp.DONE or kind == wp.FAILED:
             slot = self._workers.get(identity)
             if slot is None or slot.doomed:
@@ -305,8 +397,12 @@ class Dispatcher:
                 log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
                 return
             slot.job = None
+            self._peak = max(number / 1e6, self._peak * PEAK_DECAY)
             # The worker's next job first: it then runs while this reply is written.
-            self._became_idle(slot)
+            if slot.batch:
+                self._start(slot, slot.batch.popleft())
+            else:
+                self._became_idle(slot)
             self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
         elif kind == wp.READY:
             info = wp.parse_ready(bytes(body))

@@ -3,7 +3,8 @@
 A worker is forked by the supervisor, which loads this module (and ZeroMQ's)
 but creates no context: each worker builds its own after the fork.
 It runs ``setup()``, connects a DEALER to the dispatcher, says READY, then
-answers one job at a time.  It leaves when it is sent SIGTERM, or
+answers one job at a time (the jobs of a batch in order, each answered as soon
+as it is done).  It leaves when it is sent SIGTERM, or
 when its supervisor goes away: on Linux the kernel kills it then (a
 parent-death signal); elsewhere it notices within ORPHAN_CHECK seconds.
 """
@@ -14,6 +15,7 @@ import binascii
 import logging
 import os
 import signal
+import time
 import traceback
 
 import zmq
@@ -83,20 +85,32 @@ def serve(consumer: Consumer, endpoint: str) -> None:
 
 def _answer(consumer: Consumer, sock: zmq.Socket[bytes], first: bytes) -> None:
     try:
-        kind, jid, payload = wp.split(first, sock)
+        kind, jid, count, payload = wp.split(first, sock)
         assert isinstance(payload, bytes)  # split copies by default
-        if kind != wp.JOB:
+        if kind == wp.JOB:
+            jobs = [(jid, payload)]
+        elif kind == wp.BATCH:
+            jobs = wp.unpack_batch(payload, count)
+        else:
             raise ValueError(f"unexpected message kind {kind!r}")
     except ValueError as exc:
         log.warning("worker %d dropped a malformed job: %s", os.getpid(), exc)
         return
+    for jid, payload in jobs:
+        _run(consumer, sock, jid, payload)
+
+
+def _run(consumer: Consumer, sock: zmq.Socket[bytes], jid: bytes, payload: bytes) -> None:
+    started = time.perf_counter()
     try:
         reply = consumer.handle(payload)
         if not isinstance(reply, bytes | bytearray | memoryview | str):
             raise TypeError(f"handler returned {type(reply).__name__}; expected bytes-like or str")
         data = reply.encode("utf-8") if isinstance(reply, str) else reply
     except Exception as exc:
+        micros = int((time.perf_counter() - started) * 1e6)
         log.error("handler raised in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
-        wp.send(sock, wp.FAILED, jid, describe_error(exc).encode("utf-8", "replace")[:65536])
+        text = describe_error(exc).encode("utf-8", "replace")[:65536]
+        wp.send(sock, wp.FAILED, jid, text, micros)
         return
-    wp.send(sock, wp.DONE, jid, data)
+    wp.send(sock, wp.DONE, jid, data, int((time.perf_counter() - started) * 1e6))
