@@ -55,6 +55,10 @@ POLLIN = int(zmq.POLLIN)
 Callback = Callable[[Status, bytes | memoryview], None]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Job:
     """One request on its way through the dispatcher."""
 
@@ -107,6 +111,10 @@ class Dispatcher:
         self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop.add_reader(self._fd, self._on_readable)
         self._check_scheduled = False
+        # True while replies are read; on_replies runs after each such pass,
+        # so that what the replies produced can be written in one go.
+        self.reading = False
+        self.on_replies: Callable[[], None] = _nothing
         self._counter = 0
         self._pending: deque[Job] = deque()
         self._idle: deque[WorkerSlot] = deque()
@@ -373,17 +381,22 @@ class Dispatcher:
         sock = self._sock
         if sock.closed:
             return
-        while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
-            identity = sock.recv(wp.NOBLOCK)
-            try:
-                if not sock.get(wp.RCVMORE):
-                    raise ValueError("message without a body")
-                kind, jid, number, body = wp.split(
-                    sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False
-                )
-                self._handle(identity, kind, jid, number, body)
-            except Exception:
-                log.exception("malformed message from a worker dropped")
+        self.reading = True
+        try:
+            while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+                identity = sock.recv(wp.NOBLOCK)
+                try:
+                    if not sock.get(wp.RCVMORE):
+                        raise ValueError("message without a body")
+                    kind, jid, number, body = wp.split(
+                        sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False
+                    )
+                    self._handle(identity, kind, jid, number, body)
+                except Exception:
+                    log.exception("malformed message from a worker dropped")
+        finally:
+            self.reading = False
+            self.on_replies()
 
     def _handle(
         self, identity: bytes, kind: bytes, jid: bytes, number: int, body: bytes | memoryview

@@ -73,6 +73,9 @@ class Server:
         self._sweep_every = 1.0
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
+        # v2 connections with replies waiting to be written, all in one go.
+        self._unflushed: list[Connection] = []
+        dispatcher.on_replies = self.flush
         self.queue_full = Throttled(logging.WARNING, "queue full (max_queue=%d): refusing requests")
         self.too_many = Throttled(
             logging.WARNING, "too many connections (max_connections=%d): resetting new ones"
@@ -103,6 +106,19 @@ class Server:
         for conn in [c for c in self.connections if 0.0 < c.deadline <= now]:
             conn._timed_out()
         self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def want_flush(self, conn: Connection) -> None:
+        """`conn` has replies to write: after the dispatcher's pass, or on the loop's next."""
+        if not self._unflushed and not self.dispatcher.reading:
+            self.loop.call_soon(self.flush)
+        self._unflushed.append(conn)
+
+    def flush(self) -> None:
+        """Write the replies that v2 connections have gathered."""
+        if self._unflushed:
+            unflushed, self._unflushed = self._unflushed, []
+            for conn in unflushed:
+                conn.flush()
 
     def close(self) -> None:
         """Stop the sweep (the loop is about to close)."""
@@ -148,6 +164,7 @@ class Connection(asyncio.Protocol):
         "greeted",
         "job",
         "jobs",
+        "outbox",
         "reader",
         "server",
         "state",
@@ -165,6 +182,7 @@ class Connection(asyncio.Protocol):
         self.jobs: dict[int, Job] = {}  # v2: requests in flight, by id
         self.closing = False  # v2: answer what is in flight, then close
         self.greeted = False  # v2: our preamble is sent
+        self.outbox: list[bytes | memoryview] = []  # v2: replies for the next write
         self.deadline = 0.0  # loop time at which timer_kind expires; 0: none
         self.timer_kind = ""
 
@@ -339,17 +357,29 @@ class Connection(asyncio.Protocol):
             self._v2_timers()
 
     def _v2_reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
-        transport = self.transport
-        assert transport is not None
+        # Replies that end together (a worker's batch, or refusals) leave in
+        # one write: a system call per reply costs more than the wait.
+        outbox = self.outbox
+        if not outbox:
+            self.server.want_flush(self)
         if len(body) >= SPLIT_WRITE:
-            transport.writelines([REPLY_V2.pack(rid, status, len(body)), body])
+            outbox.append(REPLY_V2.pack(rid, status, len(body)))
+            outbox.append(body)
         else:
-            transport.write(pack_reply_v2(rid, status, body))
+            outbox.append(pack_reply_v2(rid, status, body))
+
+    def flush(self) -> None:
+        """Write the v2 replies gathered since the last write."""
+        outbox, self.outbox = self.outbox, []
+        if self.state != CLOSED and outbox:
+            assert self.transport is not None
+            self.transport.writelines(outbox)
 
     def _v2_maybe_close(self) -> None:
         if self.jobs or self.state == CLOSED:
             return
         assert self.transport is not None
+        self.flush()
         self.state = WRITING
         self._cancel_timer()
         self.transport.close()
