@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import os
 import select
@@ -104,6 +105,9 @@ class Supervisor:
 
     def spawn_worker(self) -> None:
         """Fork one worker; the child never returns from here."""
+        # Objects that exist now stay out of the collector's passes, in the
+        # worker and here, so that those passes do not copy the pages they share.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = EXIT_ERROR
@@ -275,7 +279,16 @@ class SupervisorLink:
     def fork(cls, consumer: Consumer, endpoint: str, processes: int) -> SupervisorLink:
         """Fork the supervisor; it waits for :meth:`go` before forking workers."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
+        # The supervisor (and, after it, every worker) keeps what exists now out
+        # of the collector's passes, which would otherwise copy the pages it
+        # shares with us; here they are collected as before.
+        gc.freeze()
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                gc.unfreeze()
         if pid == 0:
             code = 1
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import gc
 import os
 import signal
 import time
@@ -46,6 +47,8 @@ def behave(message: bytes) -> bytes | str:
         return 42  # type: ignore[return-value]
     if verb == b"str":
         return arg.decode() + "\u00e9"
+    if verb == b"frozen":
+        return str(gc.get_freeze_count())
     if verb == b"threads":
         return str(len(os.listdir("/proc/self/task")))
     return message

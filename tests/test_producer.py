@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import socket
@@ -150,6 +151,13 @@ def test_supervisor_has_one_thread_and_no_zmq(serve) -> None:
     sup = producer.supervisor_pid
     assert len(os.listdir(f"/proc/{sup}/task")) == 1
     assert len(loop_and_zmq_fds(sup)) <= inherited
+
+
+def test_workers_keep_what_they_inherit_out_of_the_collector(serve) -> None:
+    """Memory: gc.freeze() before each fork, so collections in workers do not copy shared pages."""
+    producer = serve(handlers.behave, processes=1)
+    assert int(request(producer.address, b"frozen", timeout=10)) > 1000
+    assert gc.get_freeze_count() == 0  # the caller's objects are collected as before
 
 
 LEAN_SCRIPT = """
