@@ -290,7 +290,7 @@ class Dispatcher:
         if not pending or self._peak * 2 > BATCH_BUDGET:
             return [first]
         size = len(first.payload)  # type: ignore[arg-type]
-        share = (len(pending) + 1) // max(1, len(self._workers))
+        share = len(pending) + 2 - max(1, len(self._workers))
         limit = min(BATCH_MAX, share, int(BATCH_BUDGET / max(self._peak, 1e-6)))
         if size >= wp.SPLIT_BODY or limit < 2:
             return [first]
