@@ -8,12 +8,12 @@ PUSH/PULL round-robin, which deals work ahead to busy workers.
 
 Batches: when jobs are waiting for every worker and the handler's recent runs
 have all been short (see BATCH_BUDGET), a freed worker is sent several waiting
-jobs in one message, its share of the queue.  It runs them in order and answers
-each as soon as it is done.  That spreads ZeroMQ's cost per message (a wake-up
-of two I/O threads and the worker) over the batch, which is most of what tiny
-jobs cost; a batch is sized to run within BATCH_BUDGET, so what it can hold up
-is bounded, and any handler run longer than that stops batching until it has
-been forgotten.
+jobs in one message: the queue, less one job for each other worker.  It runs
+them in order and answers each as soon as it is done.  That spreads ZeroMQ's
+cost per message (a wake-up of two I/O threads and the worker) over the batch,
+which is most of what tiny jobs cost.  A batch is sized to run within
+BATCH_BUDGET, so what it can hold up is bounded, and any handler run longer
+than half of that stops batching until it has been forgotten.
 
 The dispatcher does not care where a worker runs: it knows a worker by its
 ZeroMQ identity, and learns of deaths through :meth:`worker_exited` (from the
