@@ -124,7 +124,7 @@ class Dispatcher:
         self._busy = 0
         # The handler's recent peak run time (s); unknown counts as the budget.
         self._peak = BATCH_BUDGET
-        self.batches = 0
+        self.batches = 0  # batches sent so far (the tests look)
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # -- public ----------------------------------------------------------------

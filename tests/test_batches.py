@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gaspar
 from gaspar import workerproto as wp
@@ -26,6 +28,22 @@ from gaspar.protocol import Status
 from tests import handlers
 
 Outcome = tuple[Status, bytes]
+
+jobs_strategy = st.lists(st.tuples(st.binary(min_size=8, max_size=8), st.binary(max_size=40)))
+
+
+@given(jobs_strategy, st.data())
+def test_batch_bodies_round_trip_and_every_cut_is_refused(jobs, data) -> None:
+    body = wp.pack_batch(jobs)
+    assert wp.unpack_batch(body, len(jobs)) == jobs
+    if body:
+        cut = data.draw(st.integers(0, len(body) - 1))
+        with pytest.raises(ValueError):
+            wp.unpack_batch(body[:cut], len(jobs))
+        with pytest.raises(ValueError):
+            wp.unpack_batch(body + b"x", len(jobs))
+        with pytest.raises(ValueError):
+            wp.unpack_batch(body, len(jobs) + 1)
 
 
 class Worker:
