@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         read_timeout=args.read_timeout,
         grace=args.grace,
+        tune_malloc=args.tune_malloc,
     )
     try:
         producer.start()
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grace", type=float, default=30.0, help="seconds in-flight requests get at stop"
+    )
+    serve.add_argument(
+        "--no-tune-malloc",
+        dest="tune_malloc",
+        action="store_false",
+        help="leave glibc's malloc thresholds as they are (see Producer's tune_malloc)",
     )
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     serve.set_defaults(func=_serve)

@@ -45,12 +45,40 @@ log = logging.getLogger("gaspar.producer")
 
 NEW, STARTING, RUNNING, STOPPING, STOPPED = "new", "starting", "running", "stopping", "stopped"
 
+# glibc's mallopt parameters, and what tune_malloc sets them to.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+
 
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def tune_malloc() -> bool:
+    """Keep large buffers of this process on glibc's heap, for reuse; False if not glibc.
+
+    By default glibc maps every allocation above a threshold that adapts upward
+    as such blocks are freed (from 128 KiB), and returns freed memory at the
+    heap's top beyond twice that; a server of megabyte-sized requests then
+    still maps, faults in and zeroes fresh pages for many of its buffers.
+    Fixed thresholds (blocks below 4 MiB come from the heap, and up to 32 MiB of
+    free memory at its top is kept) let them be reused instead.  This is
+    process-wide, so the producer does it only when asked (``gaspar serve``
+    asks), and only in its own process, after forking the supervisor.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def new_event_loop(use_uvloop: bool | None = None) -> asyncio.AbstractEventLoop:
@@ -95,6 +123,7 @@ class Producer:
         idle_timeout: float = 300.0,
         grace: float = 30.0,
         use_uvloop: bool | None = None,
+        tune_malloc: bool = False,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("processes must be at least 1")
@@ -110,6 +139,7 @@ class Producer:
         self.max_queue = max_queue
         self.grace = grace
         self.use_uvloop = use_uvloop
+        self.tune_malloc = tune_malloc
         self.limits = Limits(
             max_message_size,
             max_connections,
@@ -153,6 +183,8 @@ class Producer:
             self._cleanup_files()
             self.state = STOPPED
             raise
+        if self.tune_malloc:
+            tune_malloc()
         if blocking:
             self._run(
                 endpoint, install_signals=threading.current_thread() is threading.main_thread()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gaspar.cli import build_parser
 from gaspar.client import request
 from gaspar.errors import RequestFailed
 from tests.conftest import alive, wait_until
@@ -176,3 +177,10 @@ def test_serving_does_not_load_the_benchmark_tool() -> None:
     from gaspar import bench, cli
 
     assert cli.BENCH_CLIENTS == bench.CLIENTS and cli.BENCH_TIMEOUT == bench.DEFAULT_TIMEOUT
+
+
+def test_serve_tunes_malloc_unless_told_not_to() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "tests.handlers:echo"]).tune_malloc is True
+    args = parser.parse_args(["serve", "tests.handlers:echo", "--no-tune-malloc"])
+    assert args.tune_malloc is False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import multiprocessing
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -158,6 +160,41 @@ def test_workers_keep_what_they_inherit_out_of_the_collector(serve) -> None:
     producer = serve(handlers.behave, processes=1)
     assert int(request(producer.address, b"frozen", timeout=10)) > 1000
     assert gc.get_freeze_count() == 0  # the caller's objects are collected as before
+
+
+MALLOC_SCRIPT = """
+import ctypes, sys
+import gaspar
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+with gaspar.Producer(lambda m: m, 0, processes=1, tune_malloc=sys.argv[1] == "on"):
+    before = mallinfo2().hblks
+    buffer = bytearray(2 << 20)
+    print(mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="glibc 2.33 or newer only",
+)
+def test_tune_malloc_keeps_megabyte_buffers_on_the_heap() -> None:
+    """Memory: with tune_malloc a 2 MiB buffer is not a mapping of its own."""
+
+    def mapped_blocks(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", MALLOC_SCRIPT, mode], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert mapped_blocks("off") == 1
+    assert mapped_blocks("on") == 0
 
 
 LEAN_SCRIPT = """
