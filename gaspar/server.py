@@ -118,7 +118,11 @@ class Server:
         if self._unflushed:
             unflushed, self._unflushed = self._unflushed, []
             for conn in unflushed:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception:  # one broken transport must not keep the others' replies
+                    log.exception("writing replies failed; dropping the connection")
+                    conn.fail()
 
     def close(self) -> None:
         """Stop the sweep (the loop is about to close)."""
@@ -371,9 +375,12 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         """Write the v2 replies gathered since the last write."""
         outbox, self.outbox = self.outbox, []
-        if self.state != CLOSED and outbox:
-            assert self.transport is not None
-            self.transport.writelines(outbox)
+        transport = self.transport
+        # A transport already closing (a reset not yet reported) takes no more.
+        if outbox and self.state != CLOSED and transport is not None:
+            if transport.is_closing():
+                return
+            transport.writelines(outbox)
 
     def _v2_maybe_close(self) -> None:
         if self.jobs or self.state == CLOSED:
