@@ -152,7 +152,7 @@ class Dispatcher:
         job = Job(self._counter, payload, callback)
         self._busy += 1
         if self._idle:
-            self._send(self._idle.popleft(), job)
+            self._send(self._idle.popleft(), [job])
             # A send can consume the edge-triggered FD's notice of pending
             # input: look now, and read on the next loop pass if there is some.
             if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
@@ -239,42 +239,33 @@ class Dispatcher:
 
     # -- jobs ------------------------------------------------------------------
 
-    def _send(self, slot: WorkerSlot, job: Job) -> None:
-        """Give `job` to the idle worker `slot`, or requeue it if that worker vanished."""
-        payload = job.payload
-        assert payload is not None
+    def _send(self, slot: WorkerSlot, jobs: list[Job]) -> None:
+        """Give `jobs` to the idle worker `slot` (one JOB, or a BATCH it runs in order).
+
+        If that worker has vanished, the jobs go back to the head of the queue.
+        """
+        first = jobs[0]
         try:
             self._sock.send(slot.identity, wp.SNDMORE)
-            wp.send(self._sock, wp.JOB, job.id, payload)
+            if len(jobs) == 1:
+                wp.send(self._sock, wp.JOB, first.id, first.payload)  # type: ignore[arg-type]
+            else:
+                body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
+                wp.send(self._sock, wp.BATCH, first.id, body, len(jobs))
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: ZeroMQ already knows the peer is gone.
-            log.warning("worker %d unreachable (%s); requeueing job", slot.pid, exc)
-            self._remove(slot)
-            self._by_pid.pop(slot.pid, None)
-            self._pending.appendleft(job)
-            self._dispatch()
-            return
-        job.worker = slot
-        self._start(slot, job)
-
-    def _send_batch(self, slot: WorkerSlot, jobs: list[Job]) -> None:
-        """Give `jobs` to the idle worker `slot` in one message, to run in order."""
-        body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
-        try:
-            self._sock.send(slot.identity, wp.SNDMORE)
-            wp.send(self._sock, wp.BATCH, jobs[0].id, body, len(jobs))
-        except zmq.ZMQError as exc:
-            log.warning("worker %d unreachable (%s); requeueing its batch", slot.pid, exc)
+            log.warning("worker %d unreachable (%s); requeueing", slot.pid, exc)
             self._remove(slot)
             self._by_pid.pop(slot.pid, None)
             self._pending.extendleft(reversed(jobs))
             self._dispatch()
             return
-        self.batches += 1
         for job in jobs:
             job.worker = slot
-        slot.batch.extend(jobs[1:])
-        self._start(slot, jobs[0])
+        if len(jobs) > 1:
+            self.batches += 1
+            slot.batch.extend(jobs[1:])
+        self._start(slot, first)
 
     def _start(self, slot: WorkerSlot, job: Job) -> None:
         """`job` is the one `slot` runs now: its timeout starts."""
@@ -356,11 +347,7 @@ class Dispatcher:
         if not self._pending:
             self._idle.append(slot)
             return
-        jobs = self._take_batch()
-        if len(jobs) == 1:
-            self._send(slot, jobs[0])
-        else:
-            self._send_batch(slot, jobs)
+        self._send(slot, self._take_batch())
 
     def _notify(self) -> None:
         for predicate, fut in list(self._waiters):

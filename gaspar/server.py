@@ -376,10 +376,10 @@ class Connection(asyncio.Protocol):
         """Write the v2 replies gathered since the last write."""
         outbox, self.outbox = self.outbox, []
         transport = self.transport
+        if transport is None or self.state == CLOSED:
+            return
         # A transport already closing (a reset not yet reported) takes no more.
-        if outbox and self.state != CLOSED and transport is not None:
-            if transport.is_closing():
-                return
+        if outbox and not transport.is_closing():
             transport.writelines(outbox)
 
     def _v2_maybe_close(self) -> None:
