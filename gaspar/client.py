@@ -20,6 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .address import parse_address
 from .clientcore import RequestIds, as_request_failed, check_protocol, failure
 from .errors import ConnectionFailed, RequestFailed, RequestTimeout
 from .protocol import (
@@ -39,20 +40,6 @@ DEFAULT_MAX_REPLY_SIZE = 64 * 1024 * 1024
 _RECV_SIZE = 256 * 1024
 
 Message = bytes | bytearray | memoryview | str
-
-
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """Split "host:port" or "[ipv6]:port" into (host, port)."""
-    if isinstance(address, tuple):
-        return address[0], int(address[1])
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port}")
-    return host or "127.0.0.1", int(port)
 
 
 class _Deadline:

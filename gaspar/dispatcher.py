@@ -124,7 +124,7 @@ class Dispatcher:
         self._busy = 0
         # The handler's recent peak run time (s); unknown counts as the budget.
         self._peak = BATCH_BUDGET
-        self.batches = 0  # batches sent so far (the tests look)
+        self.batches = 0  # batches sent so far
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     # -- public ----------------------------------------------------------------
@@ -138,6 +138,16 @@ class Dispatcher:
         """Pids of the workers that are ready to take jobs or running one."""
         slots = list(self._workers.values())  # one C call: safe from another thread
         return sorted(slot.pid for slot in slots if not slot.doomed)
+
+    def stats(self) -> dict[str, int]:
+        """Plain numbers for :meth:`gaspar.Producer.stats`: queue, jobs running, workers."""
+        queued = len(self._pending)
+        return {
+            "queued": queued,
+            "in_flight": self._busy - queued,
+            "workers": self.ready_workers,
+            "batches": self.batches,
+        }
 
     @property
     def outstanding(self) -> int:

@@ -26,7 +26,7 @@ import signal
 import tempfile
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .consumer import Consumer, Handler, as_consumer
 from .errors import StartupError
@@ -79,22 +79,6 @@ def tune_malloc() -> bool:
     return bool(
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
-
-
-def new_event_loop(use_uvloop: bool | None = None) -> asyncio.AbstractEventLoop:
-    """A new loop: uvloop when installed (or when asked for), asyncio's otherwise."""
-    import asyncio
-
-    if use_uvloop is not False:
-        try:
-            import uvloop
-        except ImportError:
-            if use_uvloop:
-                raise
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
 
 
 class Producer:
@@ -229,6 +213,32 @@ class Producer:
         dispatcher = self._dispatcher
         return dispatcher.worker_pids() if dispatcher is not None else []
 
+    def stats(self) -> dict[str, Any]:
+        """A snapshot in plain numbers; safe from any thread.
+
+        ``requests`` maps each outcome's lower-case status name (``ok``,
+        ``handler_error``, ``timeout``, ``worker_lost``, ``overloaded``,
+        ``too_large``, ``bad_request``, ``shutting_down``) to how many requests
+        ended so; ``queued`` are waiting for a worker, ``in_flight`` running in
+        one; ``workers`` are ready or busy; ``batches`` were sent so far;
+        ``connections`` are open.
+        """
+        server, dispatcher = self._server, self._dispatcher
+        result: dict[str, Any] = {
+            "requests": dict.fromkeys((s.name.lower() for s in Status), 0),
+            "queued": 0,
+            "in_flight": 0,
+            "workers": 0,
+            "batches": 0,
+            "connections": 0,
+        }
+        if server is not None:
+            result["requests"] = dict(server.requests)
+            result["connections"] = len(server.connections)
+        if dispatcher is not None:
+            result.update(dispatcher.stats())
+        return result
+
     def __enter__(self) -> Producer:
         self.start(blocking=False)
         return self
@@ -259,6 +269,8 @@ class Producer:
             return False
 
     def _run(self, endpoint: str, install_signals: bool) -> None:
+        from .loop import new_event_loop
+
         loop = new_event_loop(self.use_uvloop)
         with self._lock:
             self._loop = loop

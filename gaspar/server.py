@@ -73,6 +73,8 @@ class Server:
         self._sweep_every = 1.0
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
+        # How requests ended, by lower-case status name: every request counts once.
+        self.requests: dict[str, int] = {status.name.lower(): 0 for status in Status}
         # v2 connections with replies waiting to be written, all in one go.
         self._unflushed: list[Connection] = []
         dispatcher.on_replies = self.flush
@@ -216,6 +218,8 @@ class Connection(asyncio.Protocol):
             events = reader.feed(data)
         except LimitExceeded as exc:
             log.info("refused: %s", exc)
+            if reader.version != 2:
+                self.server.requests["too_large"] += 1
             self.fail()
             return
         except ProtocolError as exc:
@@ -303,10 +307,12 @@ class Connection(asyncio.Protocol):
         self.job = self.server.dispatcher.submit(payload, self._v1_outcome)
         if self.job is None:
             self.server.queue_full(self.server.dispatcher.max_queue)
+            self.server.requests["overloaded"] += 1
             self.fail()
 
     def _v1_outcome(self, status: Status, data: bytes | memoryview) -> None:
         self.job = None
+        self.server.requests[status.name.lower()] += 1
         if self.state != WAITING:
             return
         if status is not Status.OK:
@@ -363,6 +369,7 @@ class Connection(asyncio.Protocol):
     def _v2_reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
         # Replies that end together (a worker's batch, or refusals) leave in
         # one write: a system call per reply costs more than the wait.
+        self.server.requests[status.name.lower()] += 1
         outbox = self.outbox
         if not outbox:
             self.server.want_flush(self)
