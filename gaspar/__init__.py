@@ -80,4 +80,5 @@ __all__ = [
     "client",
 ]
 
+# The one place the version is written: pyproject.toml reads it from here (setuptools attr).
 __version__ = "2.0.0.dev0"
