@@ -1,36 +1,52 @@
 # Two entry points: `make serve` (a demo server) and `make test` (the whole check).
+# Each needs only Python 3 and make: it creates a virtual environment on first use.
+#
+# PYTHON picks the interpreter and the environment follows it: `.venv` for the default
+# python3, `.venv-3.10` for `make test PYTHON=python3.10`, and so on.
 PYTHON ?= python3
-VENV ?= .venv
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(patsubst python%,%,$(notdir $(PYTHON))))
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What serving needs (the package and uvloop), and what the check needs on top of it.
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint pytest bench clean
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop]'
-	touch $(STAMP)
 
-serve: $(STAMP)
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[uvloop]'
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop]'
+	touch $@
+
+serve: $(SERVE_STAMP)
 	$(BIN)/gaspar serve examples.demo:handler --host 127.0.0.1 --port 10123
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gaspar
 
-test: lint
+# The test suite alone (CI runs it on each interpreter; lint runs once).
+pytest: $(DEV_STAMP)
 	$(BIN)/pytest
 
-$(VENV)/.installed-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,uvloop,bench]'
+test: lint pytest
+
+$(BENCH_STAMP): $(SERVE_STAMP) benchmarks/requirements.txt
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
 	touch $@
 
 # The benchmark suite (about 15 minutes): writes docs/benchmarks.md and docs/benchmarks.png.
-bench: $(VENV)/.installed-bench
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
