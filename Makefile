@@ -4,7 +4,8 @@
 # PYTHON picks the interpreter and the environment follows it: `.venv` for the default
 # python3, `.venv-3.10` for `make test PYTHON=python3.10`, and so on.
 PYTHON ?= python3
-VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(patsubst python%,%,$(notdir $(PYTHON))))
+PYTHON_NAME := $(notdir $(PYTHON))
+VENV ?= $(if $(filter python python3,$(PYTHON_NAME)),.venv,.venv-$(patsubst python%,%,$(PYTHON_NAME)))
 BIN := $(VENV)/bin
 # What serving needs (the package and uvloop), and what the check needs on top of it.
 SERVE_STAMP := $(VENV)/.installed-serve
