@@ -14,6 +14,7 @@ import pytest
 import gaspar
 from gaspar import aio
 from gaspar.client import Client, request
+from gaspar.clientcore import RequestIds
 from tests import handlers
 from tests.conftest import wait_until
 
@@ -253,22 +254,37 @@ def test_async_client_typed_errors_leave_it_usable(producer) -> None:
 
 
 def test_cancelled_request_never_gets_delivered_to_another_caller(producer) -> None:
+    """With 4 ids, requests reuse every id but the abandoned one until its late reply."""
+
     async def main() -> None:
-        async with aio.AsyncClient(producer.address, timeout=10) as client:
-            slow = asyncio.ensure_future(client.request(b"sleep:0.3"))
-            await asyncio.sleep(0.05)  # let it be sent; the test needs it in flight
+        async with aio.AsyncClient(producer.address, timeout=10, max_in_flight=3) as client:
+            assert await client.request(b"echo:open") == b"open"
+            (conn,) = [c for c in client._slots if c is not None]
+            ids = conn.session.ids = RequestIds(4)  # a small id space: ids wrap at once
+            slow = asyncio.ensure_future(client.request(b"sleep:0.5"))
+            ready = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 1, 10
+            )
+            assert ready  # the slow request runs in a worker, under id 0
             slow.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await slow
-            (conn,) = [c for c in client._slots if c is not None]
-            assert len(conn.ids) == 1  # its id stays reserved until the late reply
-            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(50)))
-            assert replies == [b"%d" % i for i in range(50)]
-            # The late reply arrives and is dropped; the id is free again.
-            deadline = time.monotonic() + 10
-            while len(conn.ids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
-            assert len(conn.ids) == 0
+            assert len(ids) == 1 and ids.waiting == {}  # id 0 stays reserved
+
+            sent = 0
+
+            async def loop(n: int) -> None:
+                nonlocal sent
+                i = 0
+                while len(ids._abandoned) or i < 5:  # until the late reply, and then some
+                    message = b"echo:%d-%d" % (n, i)
+                    assert await client.request(message) == message[5:]
+                    sent += 1
+                    i += 1
+
+            await asyncio.wait_for(asyncio.gather(*(loop(n) for n in range(3))), 10)
+            assert sent > 3 * ids.size  # every free id was taken many times over
+            assert len(ids) == 0  # the late reply came, was dropped, and freed id 0
 
     asyncio.run(main())
 
