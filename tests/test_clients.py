@@ -15,6 +15,7 @@ import gaspar
 from gaspar import aio
 from gaspar.client import Client, request
 from gaspar.clientcore import RequestIds
+from gaspar.protocol import MAGIC_V2
 from tests import handlers
 from tests.conftest import wait_until
 
@@ -373,3 +374,121 @@ def test_closing_a_busy_async_client_drops_its_queued_requests(serve) -> None:
     # one (1 s) is left, where running all five would take 5 s.
     assert wait_until(lambda: dispatcher.outstanding == 0, timeout=10)
     assert time.monotonic() - started < 3
+
+
+# -- AsyncClient: connections, limits, closing -------------------------------
+
+
+def test_async_client_spreads_requests_over_its_connections(producer) -> None:
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, connections=3, timeout=30) as client:
+            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(90)))
+            assert replies == [b"%d" % i for i in range(90)]
+            conns = [c for c in client._slots if c is not None]
+            assert len({id(c) for c in conns}) == 3
+            assert producer.stats()["connections"] == 3  # three sockets, as the server sees
+
+    asyncio.run(main())
+
+
+def test_async_client_max_in_flight_is_per_connection(producer) -> None:
+    """Two connections, one request each: a third request waits, never doubles up on one."""
+
+    async def main() -> None:
+        async with aio.AsyncClient(
+            producer.address, connections=2, max_in_flight=1, timeout=30
+        ) as client:
+            long = asyncio.ensure_future(client.request(b"sleep:3"))
+            assert await client.request(b"echo:first") == b"first"
+            # The long request holds one connection; this one must take the other.
+            assert await client.request(b"echo:second") == b"second"
+            assert not long.done()
+            loads = sorted(c.load for c in client._slots if c is not None)
+            assert loads == [0, 1]
+            long.cancel()
+
+    asyncio.run(main())
+
+
+def test_closing_an_async_client_while_it_connects_leaks_nothing() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # the kernel completes the handshake; nobody accepts yet
+
+        async def main() -> None:
+            client = aio.AsyncClient(listener.getsockname(), timeout=10)
+            task = asyncio.ensure_future(client.request(b"x"))
+            while client._connecting[0] is None:
+                await asyncio.sleep(0)  # until the request has started to connect
+            await client.close()
+            with pytest.raises(gaspar.ConnectionFailed):
+                await task
+            for _ in range(10):
+                await asyncio.sleep(0)  # let every callback of the connect run
+            assert client._slots == [None]
+
+        asyncio.run(main())
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return  # closed before it connected: nothing to leak
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while chunk := conn.recv(100):  # the preamble, then EOF: the client let go
+                data += chunk
+            assert data in (b"", MAGIC_V2)
+
+
+@pytest.mark.parametrize("which", ["Client", "AsyncClient", "request", "aio.request"])
+def test_max_reply_size_over_v2(serve, which: str) -> None:
+    producer = serve(handlers.echo, processes=1)
+    address = producer.address
+
+    def call(message: bytes, limit: int) -> bytes:
+        if which == "Client":
+            with Client(address, timeout=10, max_reply_size=limit) as client:
+                return client.request(message)
+        if which == "request":
+            return request(address, message, timeout=10, protocol="v2", max_reply_size=limit)
+
+        async def main() -> bytes:
+            if which == "aio.request":
+                return await aio.request(
+                    address, message, timeout=10, protocol="v2", max_reply_size=limit
+                )
+            async with aio.AsyncClient(address, timeout=10, max_reply_size=limit) as client:
+                return await client.request(message)
+
+        return asyncio.run(main())
+
+    assert call(b"x" * 999, 999) == b"x" * 999
+    with pytest.raises(gaspar.MessageTooLarge, match="reply too large"):
+        call(b"x" * 1000, 999)
+
+
+def test_messages_print_an_ipv6_server_in_brackets(serve) -> None:
+    try:
+        producer = serve(handlers.behave, processes=1, host="::1")
+    except gaspar.StartupError:
+        pytest.skip("no IPv6 loopback")
+    port = producer.address[1]
+    where = f"[::1]:{port}"
+    with pytest.raises(gaspar.HandlerError) as info, Client(("::1", port), timeout=10) as c:
+        c.request(b"raise:v6")
+    assert str(info.value).startswith(where + ": ")
+    with pytest.raises(gaspar.MessageTooLarge) as too_large:
+        request(where, b"echo:xx", timeout=10, max_reply_size=1)
+    assert str(too_large.value).startswith(where + ": ")
+
+    async def main() -> None:
+        async with aio.AsyncClient(where, timeout=10) as client:
+            with pytest.raises(gaspar.HandlerError) as info:
+                await client.request(b"raise:v6")
+            assert str(info.value).startswith(where + ": ")
+        with pytest.raises(gaspar.RequestTimeout) as late:
+            await aio.request(where, b"sleep:2", timeout=0.2)
+        assert str(late.value).startswith(where + ": ")
+
+    asyncio.run(main())
