@@ -399,12 +399,21 @@ def test_async_client_max_in_flight_is_per_connection(producer) -> None:
             producer.address, connections=2, max_in_flight=1, timeout=30
         ) as client:
             long = asyncio.ensure_future(client.request(b"sleep:3"))
+            running = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 1, 10
+            )
+            assert running
             assert await client.request(b"echo:first") == b"first"
-            # The long request holds one connection; this one must take the other.
-            assert await client.request(b"echo:second") == b"second"
-            assert not long.done()
+            # The long request holds one connection; the next must take the other.
+            second = asyncio.ensure_future(client.request(b"sleep:0.5"))
+            both = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 2, 10
+            )
+            assert both
             loads = sorted(c.load for c in client._slots if c is not None)
-            assert loads == [0, 1]
+            assert loads == [1, 1]
+            assert await second == b"slept:0.5"
+            assert not long.done()
             long.cancel()
 
     asyncio.run(main())
