@@ -11,6 +11,7 @@ RequestFailed, never return the bytes it got.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -48,10 +49,8 @@ class ResettingServer:
                     conn.settimeout(10)
                     conn.recv(1000)
                     conn.setblocking(False)  # write what fits, as a timed-out server does
-                    try:
+                    with contextlib.suppress(OSError):
                         conn.send(b"r" * self.size)
-                    except OSError:
-                        pass
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         except OSError:
             return
