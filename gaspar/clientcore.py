@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_REPLY_SIZE",
     "EXCEPTIONS",
     "PROTOCOLS",
+    "REPLY_TOO_LARGE",
     "STATUS_KINDS",
     "TRANSPORT_KINDS",
     "ClientSession",
@@ -84,6 +85,8 @@ EXCEPTIONS: dict[Status, type[RequestFailed]] = {
 STATUS_KINDS: dict[Status, str] = {status: status.name.lower() for status in EXCEPTIONS}
 #: Kinds of failures that carry no status: the connection was reset or refused.
 TRANSPORT_KINDS = ("reset", "refused")
+#: The detail :func:`classify` gives a reply above the client's limit (kind ``too_large``).
+REPLY_TOO_LARGE = "reply too large"
 
 
 def check_protocol(protocol: str) -> None:
@@ -145,7 +148,7 @@ def classify(exc: BaseException) -> tuple[str, str | None]:
         return "other", f"{type(exc).__name__}: {exc}"[:120]
     cause = exc if failed is not exc else exc.__cause__
     if isinstance(cause, LimitExceeded):
-        return STATUS_KINDS[Status.TOO_LARGE], "reply too large"
+        return STATUS_KINDS[Status.TOO_LARGE], REPLY_TOO_LARGE
     for status, kind in STATUS_KINDS.items():
         if isinstance(failed, EXCEPTIONS[status]):
             return kind, None
@@ -157,7 +160,8 @@ def classify(exc: BaseException) -> tuple[str, str | None]:
         return "refused", None
     if isinstance(cause, OSError) and cause.errno:
         return "other", errno.errorcode.get(cause.errno, f"errno {cause.errno}")
-    return "other", f"{type(failed).__name__}: {failed}"[:120]
+    shown = failed if cause is None else cause
+    return "other", f"{type(shown).__name__}: {shown}"[:120]
 
 
 class V1Exchange:
