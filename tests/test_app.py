@@ -478,3 +478,18 @@ def test_gaspar_serve_serves_an_app() -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_clients_do_not_import_the_app() -> None:
+    """No import cycle: the call codec is gaspar.callcodec, which imports neither side."""
+    code = (
+        "import sys, gaspar.client, gaspar.aio\n"
+        "print('gaspar.app' in sys.modules)\n"
+        "import gaspar.callcodec as codec, gaspar.app as app\n"
+        "print(app.encode_call is codec.encode_call, app.decode_result is codec.decode_result)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
