@@ -1,4 +1,4 @@
-"""The blocking client, built on the plain ``socket`` module.
+"""The blocking client: a thin driver over :mod:`gaspar.clientcore`, on plain ``socket``.
 
 Because it uses nothing but ``socket``, ``select``, ``threading`` and
 ``time``, eventlet's or gevent's monkey-patching turns it green: many
