@@ -589,7 +589,9 @@ def chart(suite: Suite, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        suite.notes.append("matplotlib is not installed: no chart.")
+        suite.notes.append(
+            "matplotlib is not installed (pip install -r benchmarks/requirements.txt): no chart."
+        )
         return
     scenarios = list(dict.fromkeys(row.scenario for row in suite.rows.values()))
     servers = list(dict.fromkeys(row.server for row in suite.rows.values()))

@@ -1,4 +1,4 @@
-"""The asyncio client.
+"""The asyncio client: a thin driver over :mod:`gaspar.clientcore`.
 
 - :func:`request` sends one request over a fresh connection (v1 by default,
   like :func:`gaspar.client.request`).
@@ -16,27 +16,37 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from types import TracebackType
 from typing import Any, cast
 
 from . import netutil
-from .client import DEFAULT_MAX_REPLY_SIZE, Message, parse_address
-from .clientcore import RequestIds, as_request_failed, check_protocol, failure
-from .errors import ConnectionFailed, MessageTooLarge, RequestFailed, RequestTimeout
-from .protocol import (
-    MAGIC_V2,
-    REQUEST_V2,
-    SPLIT_WRITE,
-    LimitExceeded,
-    ProtocolError,
-    ReplyReader,
-    ReplyReaderV2,
-    Status,
-    pack,
-    to_bytes,
+from .address import format_address, parse_address
+from .callcodec import decode_result, encode_call
+from .clientcore import (
+    DEFAULT_MAX_REPLY_SIZE,
+    ClientSession,
+    Message,
+    V1Exchange,
+    as_request_failed,
+    check_protocol,
+    failure,
 )
+from .errors import ConnectionFailed, RequestFailed, RequestTimeout
+from .protocol import ProtocolError, Status, to_bytes
 
 __all__ = ["AsyncClient", "request"]
+
+
+def pending_error(transport: asyncio.BaseTransport) -> int:
+    """The socket's pending error (SO_ERROR) at the end of a stream; 0 if none or unknown."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except OSError:
+        return 0
 
 
 async def request(
@@ -57,28 +67,65 @@ async def request(
         async with AsyncClient(address, max_reply_size=max_reply_size) as client:
             return await client.request(message, timeout)
     host, port = parse_address(address)
-    where = f"{host}:{port}"
-    data = pack(message)
+    exchange = V1Exchange(message, max_reply_size)
     try:
-        return await asyncio.wait_for(_v1_exchange(host, port, data, max_reply_size), timeout)
+        return await asyncio.wait_for(_v1(host, port, exchange), timeout)
     except Exception as exc:
-        failed = as_request_failed(exc, where)
-        if failed is None:
+        failed = as_request_failed(exc, format_address(host, port))
+        if failed is None or failed is exc:
             raise
         raise failed from exc
 
 
-async def _v1_exchange(host: str, port: int, data: bytes, max_reply_size: int | None) -> bytes:
-    reader, writer = await asyncio.open_connection(host, port)
+class _V1(asyncio.Protocol):
+    """Drives one :class:`V1Exchange`: writes it on connect, feeds it to the end."""
+
+    def __init__(self, exchange: V1Exchange, done: asyncio.Future[bytes]) -> None:
+        self.exchange = exchange
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.exchange.data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.exchange.feed(data)
+        except Exception as exc:
+            self._fail(exc)
+            assert self.transport is not None
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            assert self.transport is not None
+            try:
+                self.done.set_result(self.exchange.end(pending_error(self.transport)))
+            except OSError as exc:
+                self.done.set_exception(exc)
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionResetError("closed before the end of the reply"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def _v1(host: str, port: int, exchange: V1Exchange, **connect: Any) -> bytes:
+    """Run `exchange` on a fresh connection; the transport is aborted when it ends."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: _V1(exchange, done), host, port, **connect)
     try:
-        writer.write(data)
-        await writer.drain()
-        replies = ReplyReader(max_reply_size)
-        while chunk := await reader.read(256 * 1024):
-            replies.feed(chunk)
-        return replies.finish()
+        return await done
     finally:
-        writer.transport.abort()  # nothing left to send; on cancellation, don't wait
+        transport.abort()  # nothing left to send; on cancellation, don't wait
+
+
+Waiter = asyncio.Future[tuple[Status, bytes]]
 
 
 class _Connection(asyncio.Protocol):
@@ -86,8 +133,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, where: str, max_reply_size: int | None) -> None:
         self.where = where
-        self.reader = ReplyReaderV2(max_reply_size)
-        self.ids: RequestIds[asyncio.Future[tuple[Status, bytes]]] = RequestIds()
+        self.session: ClientSession[Waiter] = ClientSession(max_reply_size)
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
         self._writable = asyncio.Event()
@@ -95,21 +141,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(MAGIC_V2)
+        self.transport.write(ClientSession.PREAMBLE)
 
     def data_received(self, data: bytes) -> None:
         try:
-            replies = self.reader.feed(data)
-        except LimitExceeded as exc:
-            self._break(MessageTooLarge(f"{self.where}: reply too large: {exc}"))
-            return
+            replies = self.session.receive(data)
         except ProtocolError as exc:
-            self._break(ConnectionFailed(f"{self.where}: {exc}"))
+            self._break(cast(RequestFailed, as_request_failed(exc, self.where)))
             return
-        for reply in replies:
-            fut = self.ids.resolve(reply.id)
-            if fut is not None and not fut.done():
-                fut.set_result((reply.status, reply.body))
+        for fut, status, body in replies:
+            if not fut.done():
+                fut.set_result((status, body))
 
     def eof_received(self) -> bool:
         self._break(ConnectionFailed(f"{self.where}: the server closed the connection"))
@@ -119,7 +161,7 @@ class _Connection(asyncio.Protocol):
         error = ConnectionFailed(f"{self.where}: connection lost" + (f": {exc}" if exc else ""))
         if exc is not None:
             error.__cause__ = exc
-        self._fail_all(error)
+        self.fail_all(error)
         self._writable.set()
 
     def pause_writing(self) -> None:
@@ -134,22 +176,24 @@ class _Connection(asyncio.Protocol):
         await self._writable.wait()
         if self.lost is not None or self.transport is None:
             raise ConnectionFailed(f"{self.where}: connection lost") from self.lost
-        fut: asyncio.Future[tuple[Status, bytes]] = asyncio.get_running_loop().create_future()
-        rid = self.ids.open(fut)
-        header = REQUEST_V2.pack(rid, len(payload))
-        if len(payload) >= SPLIT_WRITE:
-            self.transport.writelines([header, payload])
+        fut: Waiter = asyncio.get_running_loop().create_future()
+        try:
+            rid, frames = self.session.send(fut, payload)
+        except ProtocolError as exc:  # every id taken by requests never answered
+            raise ConnectionFailed(f"{self.where}: {exc}") from exc
+        if len(frames) == 1:
+            self.transport.write(frames[0])
         else:
-            self.transport.write(header + payload)
+            self.transport.writelines(frames)
         try:
             return await fut
         finally:
             if not fut.done() or fut.cancelled():
-                self.ids.abandon(rid)
+                self.session.abandon(rid)
 
     @property
     def load(self) -> int:
-        return len(self.ids)
+        return len(self.session)
 
     def close(self, reset: bool = False) -> None:
         if self.transport is not None:
@@ -159,14 +203,15 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def _break(self, error: RequestFailed) -> None:
-        self._fail_all(error)
+        self.fail_all(error)
         if self.transport is not None:
             self.transport.abort()
 
-    def _fail_all(self, error: RequestFailed) -> None:
+    def fail_all(self, error: RequestFailed) -> None:
+        """Fail every request waiting on this connection with `error`."""
         if self.lost is None:
             self.lost = error
-        for fut in self.ids.drain():
+        for fut in self.session.close():
             if not fut.done():
                 fut.set_exception(error)
 
@@ -176,9 +221,10 @@ class AsyncClient:
 
     Use it as ``async with AsyncClient("host:port") as client``.  At most
     `max_in_flight` requests per connection are sent at once (the server's
-    default pipeline limit is 128); more wait here, not in the server.  A broken
-    connection fails the requests it carried with ConnectionFailed and is
-    replaced on the next request.
+    default pipeline limit is 128); a request goes to a connection with room,
+    and waits here, not in the server, when none has.  A broken connection
+    fails the requests it carried with ConnectionFailed and is replaced on the
+    next request.
     """
 
     def __init__(
@@ -192,15 +238,18 @@ class AsyncClient:
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.host, self.port = parse_address(address)
-        self.where = f"{self.host}:{self.port}"
+        self.where = format_address(self.host, self.port)
         self.timeout = timeout
         self.max_reply_size = max_reply_size
         self._slots: list[_Connection | None] = [None] * connections
         self._connecting: list[asyncio.Future[_Connection] | None] = [None] * connections
+        # One limit per connection: `max_in_flight` each, as documented.
+        self._room = [asyncio.Semaphore(max_in_flight) for _ in range(connections)]
         self._turn = itertools.cycle(range(connections))
         self._closed = False
-        self._in_flight = asyncio.Semaphore(max_in_flight * connections)
 
     async def request(self, message: Message, timeout: float | None = None) -> bytes:
         """Send one request and return its reply; `timeout` overrides the client's."""
@@ -216,22 +265,21 @@ class AsyncClient:
 
     async def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
-        from .app import decode_result, encode_call
-
         return decode_result(await self.request(encode_call(name, args, kwargs)), name)
 
     async def close(self) -> None:
-        """Close every connection; requests still waiting fail with ConnectionFailed.
+        """Close every connection, opened or being opened; waiting requests fail.
 
         A connection with requests in flight is reset rather than closed, so that
         the server drops the ones still queued instead of running them for nobody.
         """
         self._closed = True
+        for pending in self._connecting:
+            if pending is not None:
+                pending.cancel()  # _opened closes a connection that was made all the same
         for conn in self._slots:
             if conn is not None:
-                busy = conn.load > 0
-                conn._fail_all(ConnectionFailed(f"{self.where}: client closed"))
-                conn.close(reset=busy)
+                self._discard(conn)
         self._slots = [None] * len(self._slots)
 
     async def __aenter__(self) -> AsyncClient:
@@ -245,15 +293,28 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
+    def _discard(self, conn: _Connection) -> None:
+        busy = conn.load > 0
+        conn.fail_all(ConnectionFailed(f"{self.where}: client closed"))
+        conn.close(reset=busy)
+
+    def _pick(self) -> int:
+        """The next connection in turn with room for a request, else the next in turn."""
+        for _ in self._room:
+            index = next(self._turn)
+            if not self._room[index].locked():
+                return index
+        return next(self._turn)
+
     async def _send(self, data: bytes) -> tuple[Status, bytes]:
-        async with self._in_flight:
-            conn = await self._connection()
+        index = self._pick()
+        async with self._room[index]:
+            conn = await self._connection(index)
             return await conn.send(data)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, index: int) -> _Connection:
         if self._closed:
             raise ConnectionFailed(f"{self.where}: client closed")
-        index = next(self._turn)
         conn = self._slots[index]
         if conn is not None and conn.lost is None:
             return conn
@@ -262,12 +323,22 @@ class AsyncClient:
             pending = asyncio.ensure_future(self._open())
             self._connecting[index] = pending
             pending.add_done_callback(lambda _: self._opened(index, pending))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if self._closed and pending.cancelled():
+                raise ConnectionFailed(f"{self.where}: client closed") from None
+            raise
 
     def _opened(self, index: int, pending: asyncio.Future[_Connection]) -> None:
         self._connecting[index] = None
-        if not pending.cancelled() and pending.exception() is None:
-            self._slots[index] = pending.result()
+        if pending.cancelled() or pending.exception() is not None:
+            return
+        conn = pending.result()
+        if self._closed:
+            self._discard(conn)  # close() ran while it was being opened
+        else:
+            self._slots[index] = conn
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()

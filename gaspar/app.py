@@ -7,12 +7,8 @@ second server: serve it like any consumer (``gaspar serve mymodule:app`` or
 ``gaspar.Producer(app, port)``).  Raw bytes handlers stay the default and the
 fastest path.
 
-Wire format (msgpack, bin and str kept apart):
-
-- call: ``[1, name, args, kwargs]``, where 1 is the format version;
-- reply: ``[0, result]`` on success, ``[1, kind, type_name, message]`` on
-  failure, where kind is ``"unknown_task"``, ``"bad_arguments"``, ``"error"``
-  (the task raised), ``"bad_call"`` or ``"unencodable"`` (the result).
+The wire format and its codec, :func:`encode_call` and :func:`decode_result`
+(re-exported here), are in :mod:`gaspar.callcodec`, which the clients share.
 
 msgpack is an optional dependency (``pip install 'gaspar[msgpack]'``), imported
 only when a call is encoded or decoded or an App is built.
@@ -23,56 +19,31 @@ from __future__ import annotations
 import inspect
 import logging
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from types import ModuleType
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
+from .callcodec import (
+    BAD_ARGUMENTS,
+    BAD_CALL,
+    CALL_VERSION,
+    ERROR,
+    FAILED,
+    OK,
+    UNENCODABLE,
+    UNKNOWN_TASK,
+    _msgpack,
+    _text,
+    decode_result,
+    encode_call,
+)
 from .client import request
 from .consumer import Consumer
-from .errors import BadArguments, BadRequest, HandlerError, RequestFailed, UnknownTask
 
 __all__ = ["App", "call", "decode_result", "encode_call"]
 
 log = logging.getLogger("gaspar.app")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: The version number that starts every call; a server rejects other versions.
-CALL_VERSION = 1
-
-OK = 0
-FAILED = 1
-
-UNKNOWN_TASK = "unknown_task"
-BAD_ARGUMENTS = "bad_arguments"
-ERROR = "error"
-BAD_CALL = "bad_call"
-UNENCODABLE = "unencodable"
-
-_msgpack_module: ModuleType | None = None
-
-
-def _msgpack() -> ModuleType:
-    """Import msgpack on first use, so that gaspar itself does not need it."""
-    global _msgpack_module
-    if _msgpack_module is None:
-        try:
-            import msgpack  # type: ignore[import-untyped,unused-ignore]
-        except ImportError as exc:
-            raise ImportError(
-                "gaspar.app needs msgpack: pip install 'gaspar[msgpack]'", name="msgpack"
-            ) from exc
-        _msgpack_module = msgpack
-    return _msgpack_module
-
-
-def _text(value: object) -> str:
-    """str(value), made safe to encode: never raises, never has lone surrogates."""
-    try:
-        text = str(value)
-    except Exception:
-        text = f"<unprintable {type(value).__name__}>"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _failure(kind: str, type_name: str, message: str) -> bytes:
@@ -206,73 +177,6 @@ def _listing(tasks: Mapping[str, object], limit: int = 20) -> str:
         return "; the app has no tasks"
     more = f", and {len(names) - limit} more" if len(names) > limit else ""
     return "; tasks: " + ", ".join(names[:limit]) + more
-
-
-def encode_call(
-    name: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
-) -> bytes:
-    """Encode a call of task `name` as request bytes for an App.
-
-    Raises TypeError when an argument cannot be encoded by msgpack (an object
-    of another type, an int beyond 64 bits), so that a bad argument fails
-    before anything is sent.  Tuples arrive as lists.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"the task name must be a str, got {type(name).__name__}")
-    if isinstance(args, str | bytes | bytearray | memoryview):
-        raise TypeError("args must be a sequence of arguments: write (value,), not value")
-    if kwargs is None:
-        kwargs = {}
-    for key in kwargs:
-        if not isinstance(key, str):
-            raise TypeError(f"keyword argument names must be str, got {key!r}")
-    try:
-        data: bytes = _msgpack().packb(
-            [CALL_VERSION, name, list(args), dict(kwargs)], use_bin_type=True
-        )
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"cannot encode the arguments of {name!r}: {exc}") from exc
-    return data
-
-
-def decode_result(data: bytes | bytearray | memoryview, name: str | None = None) -> Any:
-    """Return the result in an App's reply, or raise the failure it reports.
-
-    `name`, the task called, only makes error messages clearer.  Raises
-    UnknownTask, BadArguments, HandlerError (the task raised; see its
-    ``remote_type`` and ``remote_message``), or BadRequest (a malformed call,
-    an unencodable result, or a reply that is not an App's).
-    """
-    unpackb = _msgpack().unpackb
-    try:
-        # Results come from the server the caller chose, so int map keys are fine.
-        reply = unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise BadRequest(f"cannot decode the reply as an App's: {exc}") from exc
-    if isinstance(reply, list) and len(reply) == 2 and type(reply[0]) is int and reply[0] == OK:
-        return reply[1]
-    if not (
-        isinstance(reply, list)
-        and len(reply) >= 4
-        and type(reply[0]) is int
-        and reply[0] == FAILED
-        and all(isinstance(field, str) for field in reply[1:4])
-    ):
-        raise BadRequest(f"the reply is not an App's: {_text(reply)[:200]}")
-    kind, type_name, message = reply[1:4]
-    task = "task" if name is None else f"task {name!r}"
-    if kind == ERROR:
-        detail = f"{type_name}: {message}" if message else type_name
-        raise HandlerError(f"{task} raised {detail}", type_name, message)
-    if kind == UNKNOWN_TASK:
-        raise UnknownTask(message)
-    if kind == BAD_ARGUMENTS:
-        raise BadArguments(f"bad arguments for {task}: {message}")
-    if kind == BAD_CALL:
-        raise BadRequest(f"the server rejected the call: {message}")
-    if kind == UNENCODABLE:
-        raise BadRequest(f"{task} returned a result msgpack cannot encode: {message}")
-    raise RequestFailed(f"{task} failed ({kind}): {message}")
 
 
 def call(

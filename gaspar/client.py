@@ -1,4 +1,4 @@
-"""The blocking client, built on the plain ``socket`` module.
+"""The blocking client: a thin driver over :mod:`gaspar.clientcore`, on plain ``socket``.
 
 Because it uses nothing but ``socket``, ``select``, ``threading`` and
 ``time``, eventlet's or gevent's monkey-patching turns it green: many
@@ -20,26 +20,23 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .address import parse_address
-from .clientcore import RequestIds, as_request_failed, check_protocol, failure
-from .errors import ConnectionFailed, RequestFailed, RequestTimeout
-from .protocol import (
-    MAGIC_V2,
-    ProtocolError,
-    ReplyReader,
-    ReplyReaderV2,
-    Status,
-    pack,
-    pack_request_v2,
-    to_bytes,
+from .address import format_address, parse_address
+from .callcodec import decode_result, encode_call
+from .clientcore import (
+    DEFAULT_MAX_REPLY_SIZE,
+    ClientSession,
+    Message,
+    V1Exchange,
+    as_request_failed,
+    check_protocol,
+    failure,
 )
+from .errors import ConnectionFailed, RequestFailed, RequestTimeout
+from .protocol import Status, pack, to_bytes
 
 __all__ = ["DEFAULT_MAX_REPLY_SIZE", "Client", "pack", "parse_address", "request"]
 
-DEFAULT_MAX_REPLY_SIZE = 64 * 1024 * 1024
 _RECV_SIZE = 256 * 1024
-
-Message = bytes | bytearray | memoryview | str
 
 
 class _Deadline:
@@ -81,7 +78,7 @@ def _translate(where: str, call: Callable[[], T], reset: type[RequestFailed] = R
         return call()
     except Exception as exc:
         failed = as_request_failed(exc, where, reset)
-        if failed is None:
+        if failed is None or failed is exc:
             raise
         raise failed from exc
 
@@ -106,22 +103,21 @@ def request(
         with Client(address, pool_size=0, max_reply_size=max_reply_size) as client:
             return client.request(message, timeout)
     host, port = parse_address(address)
-    where = f"{host}:{port}"
-    data = pack(message)
+    where = format_address(host, port)
+    v1 = V1Exchange(message, max_reply_size)
     deadline = _Deadline(timeout, where)
     sock = _connect(host, port, deadline)
 
     def exchange() -> bytes:
-        reader = ReplyReader(max_reply_size)
         with sock:
             sock.settimeout(deadline.left())
-            sock.sendall(data)
+            sock.sendall(v1.data)
             while True:
                 sock.settimeout(deadline.left())
                 chunk = sock.recv(_RECV_SIZE)
                 if not chunk:
-                    return reader.finish()
-                reader.feed(chunk)
+                    return v1.end(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+                v1.feed(chunk)
 
     return _translate(where, exchange)
 
@@ -129,12 +125,11 @@ def request(
 class _Connection:
     """One persistent v2 connection, used by one caller at a time."""
 
-    __slots__ = ("ids", "reader", "sock")
+    __slots__ = ("session", "sock")
 
     def __init__(self, sock: socket.socket, max_reply_size: int | None) -> None:
         self.sock = sock
-        self.reader = ReplyReaderV2(max_reply_size)
-        self.ids: RequestIds[bool] = RequestIds()
+        self.session: ClientSession[bool] = ClientSession(max_reply_size)
 
     def usable(self) -> bool:
         """False if the server has closed or reset it while it sat in the pool."""
@@ -145,18 +140,18 @@ class _Connection:
         return not readable  # an idle v2 connection has nothing to read but EOF or RST
 
     def exchange(self, data: bytes, deadline: _Deadline) -> tuple[Status, bytes]:
-        rid = self.ids.open(True)
-        self.sock.settimeout(deadline.left())
-        self.sock.sendall(pack_request_v2(rid, data))
+        session = self.session
+        _, frames = session.send(True, data)
+        for frame in frames:
+            self.sock.settimeout(deadline.left())
+            self.sock.sendall(frame)
         while True:
             self.sock.settimeout(deadline.left())
             chunk = self.sock.recv(_RECV_SIZE)
             if not chunk:
                 raise ConnectionFailed(f"{deadline.where}: the server closed the connection")
-            for reply in self.reader.feed(chunk):
-                if self.ids.resolve(reply.id) is None or reply.id != rid:
-                    raise ProtocolError(f"reply for request {reply.id}, expected {rid}")
-                return reply.status, reply.body
+            for _, status, body in session.receive(chunk):
+                return status, body  # one request at a time: any other id is a ProtocolError
 
     def close(self) -> None:
         self.sock.close()
@@ -179,7 +174,7 @@ class Client:
         max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
     ) -> None:
         self.host, self.port = parse_address(address)
-        self.where = f"{self.host}:{self.port}"
+        self.where = format_address(self.host, self.port)
         self.timeout = timeout
         self.pool_size = pool_size
         self.max_reply_size = max_reply_size
@@ -206,8 +201,6 @@ class Client:
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
-        from .app import decode_result, encode_call
-
         return decode_result(self.request(encode_call(name, args, kwargs)), name)
 
     def close(self) -> None:
@@ -242,7 +235,7 @@ class Client:
             conn.close()
         sock = _connect(self.host, self.port, deadline)
         try:
-            sock.sendall(MAGIC_V2)
+            sock.sendall(ClientSession.PREAMBLE)
         except OSError as exc:
             sock.close()
             raise ConnectionFailed(f"{self.where}: connection failed: {exc}") from exc

@@ -1,12 +1,26 @@
-"""What the blocking and the asyncio clients share: everything but reading and writing.
+"""What every gaspar client shares: everything but reading and writing.
 
-Framing is in :mod:`gaspar.protocol`; this module adds the client's
-bookkeeping for v2 (request ids, replies that nobody waits for any more) and
-the mapping from a reply's status to a typed exception.
+The blocking client (:mod:`gaspar.client`), the asyncio client
+(:mod:`gaspar.aio`) and the load generator (:mod:`gaspar.bench`) are drivers
+over this module, the way pyzmq keeps ``zmq.asyncio`` thin over one core.  It
+has no sockets: a driver writes the bytes it is given, feeds back the bytes it
+reads, and reports how the stream ended.
+
+- :class:`V1Exchange`: one v1 request and its reply (bytes out, bytes in, the
+  reply once the stream ends, or the failure a pending reset means).
+- :class:`ClientSession`: the client side of one v2 connection: request ids,
+  frames out, replies in, late replies dropped.
+- :func:`failure`, :func:`as_request_failed`: statuses and socket or framing
+  errors as typed exceptions; messages name the server as
+  :func:`gaspar.address.format_address` prints it (``[::1]:port``).
+- :func:`classify`: a failure as a short kind for counting (``gaspar bench``),
+  derived from the same mapping.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Generic, TypeVar
 
@@ -21,18 +35,41 @@ from .errors import (
     ShuttingDown,
     WorkerLost,
 )
-from .protocol import MAX_REQUEST_ID, LimitExceeded, ProtocolError, Status
+from .protocol import (
+    MAGIC_V2,
+    MAX_REQUEST_ID,
+    REQUEST_V2,
+    SPLIT_WRITE,
+    LimitExceeded,
+    ProtocolError,
+    ReplyReader,
+    ReplyReaderV2,
+    Status,
+    pack,
+)
 
 __all__ = [
+    "DEFAULT_MAX_REPLY_SIZE",
     "EXCEPTIONS",
     "PROTOCOLS",
+    "REPLY_TOO_LARGE",
+    "STATUS_KINDS",
+    "TRANSPORT_KINDS",
+    "ClientSession",
+    "Message",
     "RequestIds",
+    "V1Exchange",
     "as_request_failed",
     "check_protocol",
+    "classify",
     "failure",
 ]
 
 PROTOCOLS = ("v1", "v2")
+#: The largest reply a client accepts unless told otherwise.
+DEFAULT_MAX_REPLY_SIZE = 64 * 1024 * 1024
+
+Message = bytes | bytearray | memoryview | str
 
 # The exception a client raises for each v2 status but OK.
 EXCEPTIONS: dict[Status, type[RequestFailed]] = {
@@ -44,6 +81,12 @@ EXCEPTIONS: dict[Status, type[RequestFailed]] = {
     Status.BAD_REQUEST: BadRequest,
     Status.SHUTTING_DOWN: ShuttingDown,
 }
+#: The kind of each status's failure: its lower-case name (as in ``Producer.stats()``).
+STATUS_KINDS: dict[Status, str] = {status: status.name.lower() for status in EXCEPTIONS}
+#: Kinds of failures that carry no status: the connection was reset or refused.
+TRANSPORT_KINDS = ("reset", "refused")
+#: The detail :func:`classify` gives a reply above the client's limit (kind ``too_large``).
+REPLY_TOO_LARGE = "reply too large"
 
 
 def check_protocol(protocol: str) -> None:
@@ -72,11 +115,13 @@ def _is_asyncio_timeout(exc: BaseException) -> bool:
 def as_request_failed(
     exc: BaseException, where: str, reset: type[RequestFailed] = RequestFailed
 ) -> RequestFailed | None:
-    """The RequestFailed for a socket or framing error, or None if `exc` is neither.
+    """The RequestFailed for a socket or framing error (`exc` itself if it is one), or None.
 
     A reset is how v1 reports a failed request (RequestFailed); in v2, where
     failures are replies, it means the connection broke (ConnectionFailed).
     """
+    if isinstance(exc, RequestFailed):
+        return exc
     if isinstance(exc, TimeoutError) or _is_asyncio_timeout(exc):
         return RequestTimeout(f"{where}: no reply in time")
     if isinstance(exc, ConnectionResetError):
@@ -90,6 +135,63 @@ def as_request_failed(
     return None
 
 
+def classify(exc: BaseException) -> tuple[str, str | None]:
+    """A failed request as (kind, detail) for counting; detail is None for the usual kinds.
+
+    The kind of a typed failure is its status's (:data:`STATUS_KINDS`, through
+    :data:`EXCEPTIONS`); a reply above the client's limit is ``too_large`` with
+    the detail "reply too large"; a failure without a status is told by its
+    cause: ``reset``, ``refused``, or ``other`` with the errno's name.
+    """
+    failed = as_request_failed(exc, "")
+    if failed is None:
+        return "other", f"{type(exc).__name__}: {exc}"[:120]
+    cause = exc if failed is not exc else exc.__cause__
+    if isinstance(cause, LimitExceeded):
+        return STATUS_KINDS[Status.TOO_LARGE], REPLY_TOO_LARGE
+    for status, kind in STATUS_KINDS.items():
+        if isinstance(failed, EXCEPTIONS[status]):
+            return kind, None
+    if isinstance(cause, RequestFailed):
+        return classify(cause)
+    if isinstance(cause, ConnectionResetError | BrokenPipeError):
+        return "reset", None
+    if isinstance(cause, ConnectionRefusedError):
+        return "refused", None
+    if isinstance(cause, OSError) and cause.errno:
+        return "other", errno.errorcode.get(cause.errno, f"errno {cause.errno}")
+    shown = failed if cause is None else cause
+    return "other", f"{type(shown).__name__}: {shown}"[:120]
+
+
+class V1Exchange:
+    """One v1 request and its reply, without I/O.
+
+    Write :attr:`data`, :meth:`feed` what arrives, and call :meth:`end` when
+    the stream ends, with the socket's pending error (``SO_ERROR``).  Over v1 a
+    reset is the only failure signal, and an event loop may report a reset
+    that arrives behind unread data as a clean end of stream (libuv does, when
+    its last read was short): a pending error at the end fails the request, so
+    a truncated reply never passes as a success.
+    """
+
+    __slots__ = ("data", "reader")
+
+    def __init__(self, message: Message, max_reply_size: int | None) -> None:
+        self.data = pack(message)
+        self.reader = ReplyReader(max_reply_size)
+
+    def feed(self, data: bytes) -> None:
+        """Take reply bytes; raise LimitExceeded past the reply limit."""
+        self.reader.feed(data)
+
+    def end(self, error: int = 0) -> bytes:
+        """The stream ended: the reply, or OSError (a reset) if `error` is set."""
+        if error:
+            raise OSError(error, os.strerror(error))  # ConnectionResetError for ECONNRESET
+        return self.reader.finish()
+
+
 W = TypeVar("W")
 
 
@@ -99,11 +201,16 @@ class RequestIds(Generic[W]):
     An id stays taken until the server's reply for it arrives, even when its
     caller gave up (timeout, cancellation): a late reply is then dropped here,
     and can never be taken for the reply of a later request that reused the id.
+    Ids run through `size` values (all of v2's 2**32 unless a test wants them
+    to wrap sooner) and wrap around.
     """
 
-    __slots__ = ("_abandoned", "_next", "waiting")
+    __slots__ = ("_abandoned", "_next", "size", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = MAX_REQUEST_ID + 1) -> None:
+        if not 1 <= size <= MAX_REQUEST_ID + 1:
+            raise ValueError(f"size must be from 1 to {MAX_REQUEST_ID + 1}")
+        self.size = size
         self.waiting: dict[int, W] = {}
         self._abandoned: set[int] = set()
         self._next = 0
@@ -112,11 +219,13 @@ class RequestIds(Generic[W]):
         return len(self.waiting) + len(self._abandoned)
 
     def open(self, waiter: W) -> int:
-        """Take a fresh id for `waiter`."""
+        """Take a fresh id for `waiter`; ProtocolError if every id is taken."""
+        if len(self) >= self.size:
+            raise ProtocolError(f"all {self.size} request ids are taken")
         rid = self._next
         while rid in self.waiting or rid in self._abandoned:
-            rid = (rid + 1) & MAX_REQUEST_ID
-        self._next = (rid + 1) & MAX_REQUEST_ID
+            rid = (rid + 1) % self.size
+        self._next = (rid + 1) % self.size
         self.waiting[rid] = waiter
         return rid
 
@@ -126,9 +235,14 @@ class RequestIds(Generic[W]):
             self._abandoned.add(rid)
 
     def resolve(self, rid: int) -> W | None:
-        """The reply for `rid` arrived: who waits for it, or None if nobody does."""
+        """The reply for `rid` arrived: who waits for it, or None if nobody does any more.
+
+        A reply for an id that is not taken breaks the protocol (ProtocolError).
+        """
         waiter = self.waiting.pop(rid, None)
         if waiter is None:
+            if rid not in self._abandoned:
+                raise ProtocolError(f"reply for request {rid}, which is not in flight")
             self._abandoned.discard(rid)
         return waiter
 
@@ -138,3 +252,56 @@ class RequestIds(Generic[W]):
         self.waiting.clear()
         self._abandoned.clear()
         return waiters
+
+
+class ClientSession(Generic[W]):
+    """The client side of one v2 connection, without I/O (in h11's spirit).
+
+    Write :data:`PREAMBLE` first; :meth:`send` turns a request into an id and
+    the buffers to write; :meth:`receive` turns bytes read into (waiter,
+    status, body) for the replies that someone still waits for.  A waiter is
+    whatever the driver matches a reply with (a future, a flag).  New frames
+    (a cancel, a deadline) belong here, as methods that return bytes to write.
+    """
+
+    __slots__ = ("ids", "reader")
+
+    PREAMBLE = MAGIC_V2
+
+    def __init__(self, max_reply_size: int | None, ids: RequestIds[W] | None = None) -> None:
+        self.reader = ReplyReaderV2(max_reply_size)
+        self.ids: RequestIds[W] = RequestIds() if ids is None else ids
+
+    def __len__(self) -> int:
+        """Ids taken: requests in flight, and given up on but not answered yet."""
+        return len(self.ids)
+
+    def send(self, waiter: W, payload: bytes) -> tuple[int, list[bytes]]:
+        """Frame `payload` for `waiter`: its id, and one buffer or (when large) two to write."""
+        rid = self.ids.open(waiter)
+        header = REQUEST_V2.pack(rid, len(payload))
+        if len(payload) >= SPLIT_WRITE:
+            return rid, [header, payload]  # no copy of a large payload
+        return rid, [header + payload]
+
+    def receive(self, data: bytes) -> list[tuple[W, Status, bytes]]:
+        """The replies `data` completes, with their waiters; late replies are dropped.
+
+        Raises ProtocolError (LimitExceeded for a reply above the limit): the
+        connection is then unusable.
+        """
+        resolve = self.ids.resolve
+        answered = []
+        for rid, status, body in self.reader.feed(data):
+            waiter = resolve(rid)
+            if waiter is not None:
+                answered.append((waiter, status, body))
+        return answered
+
+    def abandon(self, rid: int) -> None:
+        """The caller of `rid` stopped waiting (timeout, cancellation)."""
+        self.ids.abandon(rid)
+
+    def close(self) -> list[W]:
+        """The connection is gone: every waiter, to be failed."""
+        return self.ids.drain()

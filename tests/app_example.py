@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from gaspar.app import App
@@ -105,5 +106,7 @@ def pid() -> int:
 
 
 @app.task
-def setup_info() -> dict[str, Any]:
+def setup_info(hold: float = 0.0) -> dict[str, Any]:
+    """This worker's pid and setup state, after `hold` seconds of simulated work."""
+    time.sleep(hold)  # handler: simulated work, so that concurrent calls take both workers
     return {"pid": os.getpid(), **state}

@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 import gaspar
 from gaspar.app import App, call, decode_result, encode_call
-from gaspar.client import request
+from gaspar.client import Client, request
 from gaspar.errors import (
     BadArguments,
     BadRequest,
@@ -416,11 +417,29 @@ def test_worker_survives_every_failure(serve: Serve) -> None:
     assert producer.worker_pids() == [pid]
 
 
-def test_setup_runs_once_in_each_worker(address: tuple[str, int]) -> None:
-    for _ in range(3):
-        info = call(address, "setup_info", timeout=10)
-        assert info["setups"] == 1
-        assert info["setup_pid"] == info["pid"] != os.getpid()
+def test_setup_runs_once_in_each_worker(serve: Serve) -> None:
+    """Two workers, each busy with a request at once: both ran setup(), once, after fork."""
+    producer = serve(app, processes=2)
+    address = producer.address
+    workers = set(producer.worker_pids())
+    assert len(workers) == 2
+    seen: dict[int, dict[str, Any]] = {}
+    with Client(address, timeout=10, pool_size=2) as client:
+
+        def ask() -> None:
+            # Each call holds its worker for a while, so the two calls take both workers.
+            info = client.call("setup_info", 0.3)
+            seen[info["pid"]] = info
+
+        for _ in range(3):
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+    assert set(seen) == workers  # both workers answered
+    for pid, info in seen.items():
+        assert info["setups"] == 1 and info["setup_pid"] == pid
     assert app_example.state["setup_pid"] != os.getpid()  # never in the producer's process
 
 
@@ -459,3 +478,18 @@ def test_gaspar_serve_serves_an_app() -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_clients_do_not_import_the_app() -> None:
+    """No import cycle: the call codec is gaspar.callcodec, which imports neither side."""
+    code = (
+        "import sys, gaspar.client, gaspar.aio\n"
+        "print('gaspar.app' in sys.modules)\n"
+        "import gaspar.callcodec as codec, gaspar.app as app\n"
+        "print(app.encode_call is codec.encode_call, app.decode_result is codec.decode_result)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]

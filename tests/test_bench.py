@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 import gaspar
-from gaspar import bench
+from gaspar import bench, clientcore
 from tests import handlers
 
 pytestmark = pytest.mark.timeout(60)
@@ -189,3 +190,76 @@ def test_report_formats() -> None:
     assert "other: ECONNABORTED (4)" in report
     assert "no request succeeded" in report
     assert "over 2 processes (busiest 95%)" in report and "add --processes" in report
+
+
+def test_importing_the_package_loads_no_generator() -> None:
+    """`gaspar serve` imports gaspar.bench to build its parser: no asyncio, zmq or generator."""
+    code = (
+        "import sys, argparse, gaspar.bench\n"
+        "parser = argparse.ArgumentParser()\n"
+        "gaspar.bench.register(parser.add_subparsers())\n"
+        "heavy = ['asyncio', 'zmq', 'multiprocessing', 'uvloop', 'gaspar.aio', 'gaspar.client']\n"
+        "heavy += [m for m in sys.modules if m.startswith('gaspar.bench.') and\n"
+        "          m != 'gaspar.bench.command']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def own_parser() -> argparse.ArgumentParser:
+    """A parser of our own with only the subcommand the package registers."""
+    parser = argparse.ArgumentParser(prog="gaspar")
+    bench.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_registered_subcommand_runs(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    address = where(serve(handlers.echo, processes=2))
+    args = own_parser().parse_args(
+        ["bench", address, "--duration", "0.5", "--warmup", "0", "--concurrency", "2"]
+        + ["--protocol", "v2", "--check-echo", "--json", "--quiet"]
+    )
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["requests"] > 0 and data["error_total"] == 0 and err == ""
+
+
+def test_registered_subcommand_defaults_and_bad_values(
+    closed_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = own_parser()
+    args = parser.parse_args(["bench", f"127.0.0.1:{closed_port}"])
+    assert (args.concurrency, args.duration, args.warmup, args.size) == (64, 5.0, 1.0, 16)
+    assert (args.protocol, args.client, args.timeout) == ("v1", "raw", bench.DEFAULT_TIMEOUT)
+    for bad in (["--concurrency", "0"], ["--timeout", "nan"], ["--client", "sync"]):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(["bench", f"127.0.0.1:{closed_port}", *bad])
+        assert info.value.code == 2
+    args = parser.parse_args(["bench", f"127.0.0.1:{closed_port}", "--quiet", "--duration", "1"])
+    assert args.func(args) == 1
+    assert "cannot reach the server at 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_error_kinds_come_from_the_client_core() -> None:
+    assert set(clientcore.STATUS_KINDS.values()) <= set(bench.ERROR_KINDS)
+    assert set(clientcore.TRANSPORT_KINDS) <= set(bench.ERROR_KINDS)
+    assert bench.PROTOCOLS == clientcore.PROTOCOLS
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_an_ipv6_server_is_printed_in_brackets(serve: Serve, protocol: str) -> None:
+    try:
+        producer = serve(handlers.echo, processes=1, host="::1")
+    except gaspar.StartupError:
+        pytest.skip("no IPv6 loopback")
+    address = f"[::1]:{producer.address[1]}"
+    result = gaspar_bench(address, "--protocol", protocol)
+    assert result.returncode == 0, result.stderr
+    assert f"gaspar bench {address}:" in result.stdout
+    data = parsed(gaspar_bench(address, "--protocol", protocol, "--json", "--quiet"))
+    assert data["address"] == address and data["requests"] > 0

@@ -14,6 +14,8 @@ import pytest
 import gaspar
 from gaspar import aio
 from gaspar.client import Client, request
+from gaspar.clientcore import RequestIds
+from gaspar.protocol import MAGIC_V2
 from tests import handlers
 from tests.conftest import wait_until
 
@@ -253,22 +255,37 @@ def test_async_client_typed_errors_leave_it_usable(producer) -> None:
 
 
 def test_cancelled_request_never_gets_delivered_to_another_caller(producer) -> None:
+    """With 4 ids, requests reuse every id but the abandoned one until its late reply."""
+
     async def main() -> None:
-        async with aio.AsyncClient(producer.address, timeout=10) as client:
-            slow = asyncio.ensure_future(client.request(b"sleep:0.3"))
-            await asyncio.sleep(0.05)  # let it be sent; the test needs it in flight
+        async with aio.AsyncClient(producer.address, timeout=10, max_in_flight=3) as client:
+            assert await client.request(b"echo:open") == b"open"
+            (conn,) = [c for c in client._slots if c is not None]
+            ids = conn.session.ids = RequestIds(4)  # a small id space: ids wrap at once
+            slow = asyncio.ensure_future(client.request(b"sleep:0.5"))
+            ready = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 1, 10
+            )
+            assert ready  # the slow request runs in a worker, under id 0
             slow.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await slow
-            (conn,) = [c for c in client._slots if c is not None]
-            assert len(conn.ids) == 1  # its id stays reserved until the late reply
-            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(50)))
-            assert replies == [b"%d" % i for i in range(50)]
-            # The late reply arrives and is dropped; the id is free again.
-            deadline = time.monotonic() + 10
-            while len(conn.ids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
-            assert len(conn.ids) == 0
+            assert len(ids) == 1 and ids.waiting == {}  # id 0 stays reserved
+
+            sent = 0
+
+            async def loop(n: int) -> None:
+                nonlocal sent
+                i = 0
+                while len(ids._abandoned) or i < 5:  # until the late reply, and then some
+                    message = b"echo:%d-%d" % (n, i)
+                    assert await client.request(message) == message[5:]
+                    sent += 1
+                    i += 1
+
+            await asyncio.wait_for(asyncio.gather(*(loop(n) for n in range(3))), 10)
+            assert sent > 3 * ids.size  # every free id was taken many times over
+            assert len(ids) == 0  # the late reply came, was dropped, and freed id 0
 
     asyncio.run(main())
 
@@ -357,3 +374,130 @@ def test_closing_a_busy_async_client_drops_its_queued_requests(serve) -> None:
     # one (1 s) is left, where running all five would take 5 s.
     assert wait_until(lambda: dispatcher.outstanding == 0, timeout=10)
     assert time.monotonic() - started < 3
+
+
+# -- AsyncClient: connections, limits, closing -------------------------------
+
+
+def test_async_client_spreads_requests_over_its_connections(producer) -> None:
+    async def main() -> None:
+        async with aio.AsyncClient(producer.address, connections=3, timeout=30) as client:
+            replies = await asyncio.gather(*(client.request(b"echo:%d" % i) for i in range(90)))
+            assert replies == [b"%d" % i for i in range(90)]
+            conns = [c for c in client._slots if c is not None]
+            assert len({id(c) for c in conns}) == 3
+            assert producer.stats()["connections"] == 3  # three sockets, as the server sees
+
+    asyncio.run(main())
+
+
+def test_async_client_max_in_flight_is_per_connection(producer) -> None:
+    """Two connections, one request each: a third request waits, never doubles up on one."""
+
+    async def main() -> None:
+        async with aio.AsyncClient(
+            producer.address, connections=2, max_in_flight=1, timeout=30
+        ) as client:
+            long = asyncio.ensure_future(client.request(b"sleep:3"))
+            running = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 1, 10
+            )
+            assert running
+            assert await client.request(b"echo:first") == b"first"
+            # The long request holds one connection; the next must take the other.
+            second = asyncio.ensure_future(client.request(b"sleep:0.5"))
+            both = await asyncio.to_thread(
+                wait_until, lambda: producer.stats()["in_flight"] == 2, 10
+            )
+            assert both
+            loads = sorted(c.load for c in client._slots if c is not None)
+            assert loads == [1, 1]
+            assert await second == b"slept:0.5"
+            assert not long.done()
+            long.cancel()
+
+    asyncio.run(main())
+
+
+def test_closing_an_async_client_while_it_connects_leaks_nothing() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # the kernel completes the handshake; nobody accepts yet
+
+        async def main() -> None:
+            client = aio.AsyncClient(listener.getsockname(), timeout=10)
+            task = asyncio.ensure_future(client.request(b"x"))
+            while client._connecting[0] is None:
+                await asyncio.sleep(0)  # until the request has started to connect
+            await client.close()
+            with pytest.raises(gaspar.ConnectionFailed):
+                await task
+            for _ in range(10):
+                await asyncio.sleep(0)  # let every callback of the connect run
+            assert client._slots == [None]
+
+        asyncio.run(main())
+        listener.settimeout(5)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return  # closed before it connected: nothing to leak
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while chunk := conn.recv(100):  # the preamble, then EOF: the client let go
+                data += chunk
+            assert data in (b"", MAGIC_V2)
+
+
+@pytest.mark.parametrize("which", ["Client", "AsyncClient", "request", "aio.request"])
+def test_max_reply_size_over_v2(serve, which: str) -> None:
+    producer = serve(handlers.echo, processes=1)
+    address = producer.address
+
+    def call(message: bytes, limit: int) -> bytes:
+        if which == "Client":
+            with Client(address, timeout=10, max_reply_size=limit) as client:
+                return client.request(message)
+        if which == "request":
+            return request(address, message, timeout=10, protocol="v2", max_reply_size=limit)
+
+        async def main() -> bytes:
+            if which == "aio.request":
+                return await aio.request(
+                    address, message, timeout=10, protocol="v2", max_reply_size=limit
+                )
+            async with aio.AsyncClient(address, timeout=10, max_reply_size=limit) as client:
+                return await client.request(message)
+
+        return asyncio.run(main())
+
+    assert call(b"x" * 999, 999) == b"x" * 999
+    with pytest.raises(gaspar.MessageTooLarge, match="reply too large"):
+        call(b"x" * 1000, 999)
+
+
+def test_messages_print_an_ipv6_server_in_brackets(serve) -> None:
+    try:
+        producer = serve(handlers.behave, processes=1, host="::1")
+    except gaspar.StartupError:
+        pytest.skip("no IPv6 loopback")
+    port = producer.address[1]
+    where = f"[::1]:{port}"
+    with pytest.raises(gaspar.HandlerError) as info, Client(("::1", port), timeout=10) as c:
+        c.request(b"raise:v6")
+    assert str(info.value).startswith(where + ": ")
+    with pytest.raises(gaspar.MessageTooLarge) as too_large:
+        request(where, b"echo:xx", timeout=10, max_reply_size=1)
+    assert str(too_large.value).startswith(where + ": ")
+
+    async def main() -> None:
+        async with aio.AsyncClient(where, timeout=10) as client:
+            with pytest.raises(gaspar.HandlerError) as info:
+                await client.request(b"raise:v6")
+            assert str(info.value).startswith(where + ": ")
+        with pytest.raises(gaspar.RequestTimeout) as late:
+            await aio.request(where, b"sleep:2", timeout=0.2)
+        assert str(late.value).startswith(where + ": ")
+
+    asyncio.run(main())
