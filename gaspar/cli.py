@@ -10,15 +10,19 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .client import parse_address, request
 from .clientcore import PROTOCOLS
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
+from .options import PRODUCER_OPTIONS, add_flags
 from .producer import Producer
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger("gaspar.cli")
+
+# The exit code of a command given what it cannot use (argparse's own).
+EXIT_USAGE = 2
 
 # gaspar.bench's clients and default timeout, kept here so that the module is
 # imported only by `gaspar bench` (it costs every `gaspar serve` process ~2 MB).
@@ -62,20 +66,13 @@ def _serve(args: argparse.Namespace) -> int:
         consumer = load_target(args.target)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         log.error("cannot load %s: %s", args.target, exc)
-        return 2
-    producer = Producer(
-        consumer,
-        args.port,
-        processes=args.workers,
-        host=args.host,
-        timeout=args.timeout,
-        max_message_size=args.max_message_size,
-        max_queue=args.max_queue,
-        max_connections=args.max_connections,
-        read_timeout=args.read_timeout,
-        grace=args.grace,
-        tune_malloc=args.tune_malloc,
-    )
+        return EXIT_USAGE
+    settings = {o.name: getattr(args, o.name) for o in PRODUCER_OPTIONS}
+    try:
+        producer = Producer(consumer, **settings)
+    except ValueError as exc:  # the flags were checked already: only a bug gets here
+        log.error("%s", exc)
+        return EXIT_USAGE
     try:
         producer.start()
     except StartupError as exc:
@@ -187,47 +184,27 @@ def _address(text: str) -> str:
     return text
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit code 2), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="gaspar", description="Serve CPU-heavy handlers from worker processes."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve a handler over TCP")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a handler over TCP",
+        description="Serve a handler over TCP with a pool of forked worker processes.",
+    )
     serve.add_argument("target", help="MODULE:ATTR naming a handler, Consumer or Consumer class")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=10123, help="port, 0 for any (default 10123)")
-    serve.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
-    serve.add_argument("--timeout", type=float, default=None, help="seconds a request may run")
-    serve.add_argument(
-        "--max-message-size",
-        type=int,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
-        help="largest request in bytes (default 16 MiB)",
-    )
-    serve.add_argument(
-        "--max-queue", type=int, default=1000, help="requests waiting for a worker (default 1000)"
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=1024, help="open connections (default 1024)"
-    )
-    serve.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a client has to send its request (default 30)",
-    )
-    serve.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight requests get at stop"
-    )
-    serve.add_argument(
-        "--no-tune-malloc",
-        dest="tune_malloc",
-        action="store_false",
-        help="leave glibc's malloc thresholds as they are (see Producer's tune_malloc)",
-    )
-    serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    add_flags(serve)
     serve.set_defaults(func=_serve)
 
     req = sub.add_parser("request", help="send one request and print the reply")

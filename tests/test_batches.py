@@ -82,7 +82,7 @@ async def dispatcher(
     ctx = zmq.Context()
     actx = zmq.asyncio.Context()
     killed: list[int] = []
-    disp = Dispatcher(ctx, endpoint, kill=killed.append, timeout=timeout)
+    disp = Dispatcher(ctx, endpoint, kill=killed.append, timeout=timeout, max_queue=1000)
     peers = [Worker(actx, endpoint, 1000 + i) for i in range(workers)]
     try:
         for n, peer in enumerate(peers, 1):  # one by one: they are idle in this order
