@@ -75,8 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         producer.start()
-    except StartupError as exc:
-        log.error("%s", exc)
+    except StartupError:  # the producer has logged its cause
         return 1
     return 0
 

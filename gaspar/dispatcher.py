@@ -131,6 +131,7 @@ class Dispatcher:
         self._peak = BATCH_BUDGET
         self.batches = 0  # batches sent so far
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._retired = False  # no worker joins once retire() was called
 
     # -- public ----------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class Dispatcher:
 
     def retire(self) -> None:
         """Take every worker out of service: they are about to be stopped."""
+        self._retired = True
         self._idle.clear()
         for slot in self._workers.values():
             slot.doomed = True
@@ -435,8 +437,10 @@ class Dispatcher:
 
     def _handle_ready(self, identity: bytes, info: wp.ReadyInfo) -> None:
         exited_at = self._recently_exited.pop(info.pid, None)
-        if identity in self._workers or (
-            exited_at is not None and time.monotonic() - exited_at < STALE_READY_WINDOW
+        if (
+            self._retired
+            or identity in self._workers
+            or (exited_at is not None and time.monotonic() - exited_at < STALE_READY_WINDOW)
         ):
             return
         slot = WorkerSlot(identity, info.pid, info.host)

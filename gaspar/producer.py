@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gaspar.producer")
 
 NEW, STARTING, RUNNING, STOPPING, STOPPED = "new", "starting", "running", "stopping", "stopped"
+STOPPED_EARLY = "stopped before the workers were ready"
 
 # glibc's mallopt parameters, and what tune_malloc sets them to.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -180,22 +181,25 @@ class Producer:
             if self.state != NEW:
                 raise RuntimeError(f"producer already {self.state}")
             self.state = STARTING
-        self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
-        endpoint = f"ipc://{self._tmpdir}/workers"
         # ZeroMQ's module (not a context: no thread, no socket) is loaded before
         # the fork, so that the producer, the supervisor and the workers share it.
         import zmq  # noqa: F401
 
         try:
+            self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
+            endpoint = f"ipc://{self._tmpdir}/workers"
             self._link = SupervisorLink.fork(
                 self.consumer, endpoint, self.processes, private_dir=self._tmpdir
             )
-        except BaseException:
+        except BaseException as exc:
             self._cleanup_files()
             with self._lock:
                 self.state = STOPPED
             self._ready.set()
             self._finished.set()
+            if isinstance(exc, OSError):
+                log.error("could not start: cannot fork the supervisor: %s", exc)
+                raise StartupError(f"cannot fork the supervisor: {exc}") from exc
             raise
         if self.tune_malloc:
             if tune_malloc():
@@ -385,6 +389,11 @@ class Producer:
                 )
                 if not isinstance(exc, StartupError):
                     self._startup_error.__cause__ = exc
+                # The cause first, before the lines that tearing down writes.
+                if self._stop_event.is_set() and self._startup_error.args == (STOPPED_EARLY,):
+                    log.info("%s", STOPPED_EARLY)
+                else:
+                    log.error("could not start: %s", self._startup_error)
                 return
             with self._lock:
                 if self.state == STARTING:
@@ -417,7 +426,15 @@ class Producer:
                 ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue
             )
         except zmq.ZMQError as exc:
-            raise StartupError(f"cannot bind the workers' endpoint {endpoint}: {exc}") from exc
+            path = endpoint.removeprefix("ipc://")
+            limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0)
+            reason = (
+                f"its path has {len(path)} characters, over the {limit} an ipc path may have;"
+                " set TMPDIR to a shorter directory"
+                if limit and len(path) > limit
+                else str(exc)
+            )
+            raise StartupError(f"cannot bind the workers' endpoint {endpoint}: {reason}") from exc
         self._dispatcher = dispatcher
 
         def on_setup_failed(pid: int, backoff: float, error: str) -> None:
@@ -460,7 +477,7 @@ class Producer:
         if self._supervisor_lost:
             raise StartupError("the supervisor process died before the workers were ready")
         if dispatcher.ready_workers < want:
-            raise StartupError("stopped before the workers were ready")
+            raise StartupError(STOPPED_EARLY)
         log.info(
             "listening on %s with %d workers (pid %d)",
             format_address(*self.address),

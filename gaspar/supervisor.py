@@ -128,12 +128,19 @@ class Supervisor:
         # worker and here, so that those passes do not copy the pages they share.
         gc.freeze()
         report_r, report_w = os.pipe()
+        # SIGTERM waits until the child has dropped our handler for it: one sent
+        # to a worker that has just been forked must not be taken as ours.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        pid = -1
         try:
             pid = os.fork()
         except OSError:
             os.close(report_r)
             os.close(report_w)
             raise
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if pid == 0:
             code = EXIT_ERROR
             try:
@@ -277,6 +284,8 @@ class Supervisor:
         """Shed the supervisor's descriptors and signal set-up in a new worker."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         for fd in (self._wake_r, self._wake_w, *self.reports.values()):
             os.close(fd)
         self.reports.clear()

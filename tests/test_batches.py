@@ -75,14 +75,17 @@ class Worker:
 
 @asynccontextmanager
 async def dispatcher(
-    tmp_path: Path, workers: int = 2, timeout: float | None = None
+    tmp_path: Path,
+    workers: int = 2,
+    timeout: float | None = None,
+    cls: type[Dispatcher] = Dispatcher,
 ) -> AsyncIterator[tuple[Dispatcher, list[Worker], list[int]]]:
     """A Dispatcher on an ipc endpoint, and `workers` test workers that said READY."""
     endpoint = f"ipc://{tmp_path}/d"
     ctx = zmq.Context()
     actx = zmq.asyncio.Context()
     killed: list[int] = []
-    disp = Dispatcher(ctx, endpoint, kill=killed.append, timeout=timeout, max_queue=1000)
+    disp = cls(ctx, endpoint, kill=killed.append, timeout=timeout, max_queue=1000)
     peers = [Worker(actx, endpoint, 1000 + i) for i in range(workers)]
     try:
         for n, peer in enumerate(peers, 1):  # one by one: they are idle in this order
