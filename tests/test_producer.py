@@ -11,6 +11,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -57,13 +58,14 @@ def test_default_processes_follow_cpu_affinity() -> None:
     assert producer.processes == len(os.sched_getaffinity(0))
 
 
-def test_context_manager_starts_and_stops_cleanly() -> None:
+def test_context_manager_starts_and_stops_cleanly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its directory goes
     with gaspar.Producer(handlers.behave, 0, processes=2) as producer:
         assert request(producer.address, b"echo:hi", timeout=10) == b"hi"
         supervisor, workers = producer.supervisor_pid, producer.worker_pids()
-        tmpdir = producer._tmpdir
-        assert tmpdir is not None and os.path.isdir(tmpdir)
+        (tmpdir,) = tmp_path.glob("gaspar-*")
         assert os.stat(tmpdir).st_mode & 0o777 == 0o700
+        assert (tmpdir / "workers").is_socket()
     assert supervisor is not None and not alive(supervisor)
     assert not any(alive(pid) for pid in workers)
     assert not os.path.exists(tmpdir)

@@ -41,9 +41,11 @@ class Requests:
 
 
 def wait_outstanding(producer: gaspar.Producer, n: int) -> None:
-    dispatcher = producer._dispatcher
-    assert dispatcher is not None
-    assert wait_until(lambda: dispatcher.outstanding >= n, timeout=10)
+    def outstanding() -> int:
+        stats = producer.stats()
+        return int(stats["queued"] + stats["in_flight"])
+
+    assert wait_until(lambda: outstanding() >= n, timeout=10)
 
 
 def test_stop_lets_in_flight_and_queued_requests_finish() -> None:
