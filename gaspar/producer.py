@@ -140,6 +140,7 @@ class Producer:
             tune_malloc=tune_malloc,
         )
         self.consumer = as_consumer(consumer)
+        self.options: dict[str, Any] = o  # every option, checked, by name
         self.host: str = o["host"]
         self.port: int = o["port"]
         self.processes: int = o["processes"] or available_cpus()
