@@ -63,6 +63,16 @@ def _ignore_setup_failure(pid: int, backoff: float, error: str) -> None:
     pass
 
 
+def describe_exit(code: int) -> str:
+    """How a process ended, from its exit code (minus a signal's number): for a log line."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -447,8 +457,15 @@ class Producer:
                     "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
                 )
 
+        def on_exited(pid: int, code: int) -> None:
+            # During start-up any death is a failure of it: a worker that
+            # crashes (not raises) in setup() would otherwise be replaced for ever.
+            if self.state == STARTING and not boot_failed:
+                boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
+            dispatcher.worker_exited(pid, code)
+
         link.on_setup_failed = on_setup_failed
-        link.on_exited = dispatcher.worker_exited
+        link.on_exited = on_exited
         link.on_lost = self._supervisor_died
         link.attach(loop)
         self._server = Server(dispatcher, self.limits)

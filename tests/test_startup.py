@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +73,23 @@ def test_setup_failure_is_carried_by_startup_error() -> None:
         producer.start(blocking=False)
     assert str(info.value).endswith("setup() failed: RuntimeError: cannot load the model")
     assert "see the log" not in str(info.value)
+
+
+class CrashesInSetup(gaspar.Consumer):
+    """setup() does not raise: the process dies (as a segfault or the OOM killer would)."""
+
+    def setup(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_dying_in_setup_ends_start_with_its_cause() -> None:
+    """It used to be replaced at once, for ever, and start() never returned."""
+    producer = gaspar.Producer(CrashesInSetup, 0, processes=2)
+    with pytest.raises(
+        gaspar.StartupError, match=r"^worker \d+ was killed by SIGKILL during start"
+    ):
+        producer.start(blocking=False)
+    assert producer.state == "stopped" and not alive(producer.supervisor_pid)
 
 
 def test_a_failure_after_the_zmq_socket_exists_ends_start_with_its_cause(tmp_path) -> None:
