@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-from .client import parse_address, request
-from .clientcore import PROTOCOLS
+from .client import request
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
+from .options import PRODUCER_OPTIONS, add_flags
 from .producer import Producer
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger("gaspar.cli")
 
-# gaspar.bench's clients and default timeout, kept here so that the module is
-# imported only by `gaspar bench` (it costs every `gaspar serve` process ~2 MB).
-BENCH_CLIENTS = ("raw", "aio")
-BENCH_TIMEOUT = 10.0
+# The exit code of a command given what it cannot use (argparse's own).
+EXIT_USAGE = 2
 
 
 class OneLineFormatter(logging.Formatter):
@@ -62,24 +58,16 @@ def _serve(args: argparse.Namespace) -> int:
         consumer = load_target(args.target)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         log.error("cannot load %s: %s", args.target, exc)
-        return 2
-    producer = Producer(
-        consumer,
-        args.port,
-        processes=args.workers,
-        host=args.host,
-        timeout=args.timeout,
-        max_message_size=args.max_message_size,
-        max_queue=args.max_queue,
-        max_connections=args.max_connections,
-        read_timeout=args.read_timeout,
-        grace=args.grace,
-        tune_malloc=args.tune_malloc,
-    )
+        return EXIT_USAGE
+    settings = {o.name: getattr(args, o.name) for o in PRODUCER_OPTIONS}
+    try:
+        producer = Producer(consumer, **settings)
+    except ValueError as exc:  # the flags were checked already: only a bug gets here
+        log.error("%s", exc)
+        return EXIT_USAGE
     try:
         producer.start()
-    except StartupError as exc:
-        log.error("%s", exc)
+    except StartupError:  # the producer has logged its cause
         return 1
     return 0
 
@@ -96,138 +84,27 @@ def _request(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    payload = None
-    if args.payload_file is not None:
-        try:
-            with open(args.payload_file, "rb") as f:
-                payload = f.read()
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            print(f"gaspar bench: cannot read {args.payload_file}: {reason}", file=sys.stderr)
-            return 2
-    if not args.quiet:
-        if payload is None:
-            each = f"{args.size:,} random bytes"
-        else:
-            each = f"the {len(payload):,} bytes of {args.payload_file}"
-        print(
-            f"gaspar bench: {args.address}, protocol {args.protocol} ({args.client} client),"
-            f" {args.concurrency} requests in flight, each {each};"
-            f" {args.warmup:g}s warmup, then {args.duration:g}s measured",
-            file=sys.stderr,
-            flush=True,
-        )
-    try:
-        from . import bench  # only here: `gaspar serve` processes need not carry it
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit code 2), not usage text."""
 
-        result = bench.run(
-            args.address,
-            args.concurrency,
-            args.duration,
-            args.size,
-            processes=args.processes,
-            warmup=args.warmup,
-            timeout=args.timeout,
-            protocol=args.protocol,
-            client=args.client,
-            connections=args.connections,
-            payload=payload,
-            check_echo=args.check_echo,
-            progress=not args.quiet,
-        )
-    except ValueError as exc:
-        print(f"gaspar bench: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as exc:
-        print(f"gaspar bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("gaspar bench: interrupted", file=sys.stderr)
-        return 130
-    if args.payload_file is not None:
-        result["payload_file"] = args.payload_file
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(bench.format_report(result))
-    errors = result["errors"]
-    if not result["requests"] and result["error_total"] == errors["refused"] > 0:
-        print("gaspar bench: the server refused every connection", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _number(
-    kind: type[int] | type[float], minimum: float, inclusive: bool
-) -> Callable[[str], int | float]:
-    """An argparse type: a number of `kind` at least (or above) `minimum`."""
-    bound = f"at least {minimum:g}" if inclusive else f"above {minimum:g}"
-
-    def convert(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        if value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    return convert
-
-
-def _address(text: str) -> str:
-    """An argparse type: HOST:PORT or [IPV6]:PORT, checked."""
-    try:
-        parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="gaspar", description="Serve CPU-heavy handlers from worker processes."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve a handler over TCP")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a handler over TCP",
+        description="Serve a handler over TCP with a pool of forked worker processes.",
+    )
     serve.add_argument("target", help="MODULE:ATTR naming a handler, Consumer or Consumer class")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=10123, help="port, 0 for any (default 10123)")
-    serve.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
-    serve.add_argument("--timeout", type=float, default=None, help="seconds a request may run")
-    serve.add_argument(
-        "--max-message-size",
-        type=int,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
-        help="largest request in bytes (default 16 MiB)",
-    )
-    serve.add_argument(
-        "--max-queue", type=int, default=1000, help="requests waiting for a worker (default 1000)"
-    )
-    serve.add_argument(
-        "--max-connections", type=int, default=1024, help="open connections (default 1024)"
-    )
-    serve.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a client has to send its request (default 30)",
-    )
-    serve.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight requests get at stop"
-    )
-    serve.add_argument(
-        "--no-tune-malloc",
-        dest="tune_malloc",
-        action="store_false",
-        help="leave glibc's malloc thresholds as they are (see Producer's tune_malloc)",
-    )
-    serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    add_flags(serve)
     serve.set_defaults(func=_serve)
 
     req = sub.add_parser("request", help="send one request and print the reply")
@@ -236,95 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--timeout", type=float, default=None, help="seconds to wait in all")
     req.set_defaults(func=_request)
 
-    positive_int = _number(int, 1, inclusive=True)
-    positive = _number(float, 0, inclusive=False)
-    not_negative = _number(float, 0, inclusive=True)
-    ben = sub.add_parser(
-        "bench",
-        help="load a server in a closed loop; report req/s, errors and latency",
-        description=(
-            "Keep --concurrency requests in flight against a gaspar server for --duration"
-            " seconds (after --warmup unmeasured seconds), printing progress every second,"
-            " then report requests/s, errors by kind and latency percentiles. The figures"
-            " hold for this machine and the server's handler only."
-        ),
-    )
-    ben.add_argument(
-        "address", type=_address, metavar="HOST:PORT", help="the server: HOST:PORT or [IPV6]:PORT"
-    )
-    ben.add_argument(
-        "--concurrency",
-        type=positive_int,
-        default=64,
-        metavar="N",
-        help="requests in flight (default 64)",
-    )
-    ben.add_argument(
-        "--duration", type=positive, default=5.0, metavar="S", help="measured seconds (default 5)"
-    )
-    ben.add_argument(
-        "--warmup",
-        type=not_negative,
-        default=1.0,
-        metavar="S",
-        help="unmeasured seconds first (default 1)",
-    )
-    payload = ben.add_mutually_exclusive_group()
-    payload.add_argument(
-        "--size",
-        type=_number(int, 0, inclusive=True),
-        default=16,
-        metavar="B",
-        help="random payload of B bytes, tagged per request (default 16)",
-    )
-    payload.add_argument(
-        "--payload-file",
-        metavar="F",
-        help="send the bytes of file F, unchanged, in every request",
-    )
-    ben.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default="v1",
-        help="v1: a fresh connection per request (default); v2: persistent pipelined connections",
-    )
-    ben.add_argument(
-        "--client",
-        choices=BENCH_CLIENTS,
-        default="raw",
-        help="raw: the generator's own asyncio code (default); aio: gaspar.aio's client",
-    )
-    ben.add_argument(
-        "--connections",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="v2: persistent connections per generator process (default 1)",
-    )
-    ben.add_argument(
-        "--processes",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="generator processes; add some if one runs near a full core (default 1)",
-    )
-    ben.add_argument(
-        "--timeout",
-        type=positive,
-        default=BENCH_TIMEOUT,
-        metavar="S",
-        help=f"seconds per connect and per reply (default {BENCH_TIMEOUT:g})",
-    )
-    ben.add_argument(
-        "--check-echo",
-        action="store_true",
-        help="count a reply that differs from its request as a mismatch (for echo handlers)",
-    )
-    ben.add_argument("--quiet", action="store_true", help="no progress on standard error")
-    ben.add_argument(
-        "--json", action="store_true", help="print the results as a JSON object on standard output"
-    )
-    ben.set_defaults(func=_bench)
+    from .bench import register as register_bench  # its own subcommand; light to import
+
+    register_bench(sub)
     return parser
 
 

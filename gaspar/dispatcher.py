@@ -97,17 +97,22 @@ class Dispatcher:
         endpoint: str,
         *,
         kill: Callable[[int], None],
-        timeout: float | None = None,
-        max_queue: int = 1000,
+        timeout: float | None,
+        max_queue: int,
     ) -> None:
         self.timeout = timeout
         self.max_queue = max_queue
         self._kill = kill
         self._loop = asyncio.get_running_loop()
         self._sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint)
+        try:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.bind(endpoint)
+        except zmq.ZMQError:
+            # An open socket would make the context's term() wait forever.
+            self._sock.close(linger=0)
+            raise
         self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop.add_reader(self._fd, self._on_readable)
         self._check_scheduled = False
@@ -126,6 +131,7 @@ class Dispatcher:
         self._peak = BATCH_BUDGET
         self.batches = 0  # batches sent so far
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._retired = False  # no worker joins once retire() was called
 
     # -- public ----------------------------------------------------------------
 
@@ -211,6 +217,7 @@ class Dispatcher:
 
     def retire(self) -> None:
         """Take every worker out of service: they are about to be stopped."""
+        self._retired = True
         self._idle.clear()
         for slot in self._workers.values():
             slot.doomed = True
@@ -383,48 +390,62 @@ class Dispatcher:
             while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
                 identity = sock.recv(wp.NOBLOCK)
                 try:
+                    # Only what breaks gaspar/workerproto.py is "malformed".
                     if not sock.get(wp.RCVMORE):
                         raise ValueError("message without a body")
                     kind, jid, number, body = wp.split(
                         sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False
                     )
-                    self._handle(identity, kind, jid, number, body)
+                    info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
+                    if info is None and kind != wp.DONE and kind != wp.FAILED:
+                        raise ValueError(f"unknown message kind {kind!r}")
+                except ValueError as exc:
+                    log.warning("malformed message from a worker dropped: %s", exc)
+                    continue
+                try:
+                    if info is None:
+                        self._handle_reply(identity, kind, jid, number, body)
+                    else:
+                        self._handle_ready(identity, info)
                 except Exception:
-                    log.exception("malformed message from a worker dropped")
+                    # Our own bug, not the worker's: say so, and read on.
+                    log.exception("dispatcher bug while handling a worker's message")
         finally:
             self.reading = False
             self.on_replies()
 
-    def _handle(
+    def _handle_reply(
         self, identity: bytes, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
     ) -> None:
-        if kind == wp.DONE or kind == wp.FAILED:
-            slot = self._workers.get(identity)
-            if slot is None or slot.doomed:
-                return
-            job = slot.job
-            if job is None or job.id != jid:
-                log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
-                return
-            slot.job = None
+        slot = self._workers.get(identity)
+        if slot is None or slot.doomed:
+            return
+        job = slot.job
+        if job is None or job.id != jid:
+            log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
+            return
+        slot.job = None
+        try:
             self._peak = max(number / 1e6, self._peak * PEAK_DECAY)
             # The worker's next job first: it then runs while this reply is written.
             if slot.batch:
                 self._start(slot, slot.batch.popleft())
             else:
                 self._became_idle(slot)
+        finally:  # whatever went wrong above, this job ends
             self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
-        elif kind == wp.READY:
-            info = wp.parse_ready(bytes(body))
-            pid = int(info["pid"])  # type: ignore[call-overload]
-            exited_at = self._recently_exited.pop(pid, None)
-            if identity in self._workers or (
-                exited_at is not None and time.monotonic() - exited_at < STALE_READY_WINDOW
-            ):
-                return
-            slot = WorkerSlot(identity, pid, str(info.get("host", "")))
-            self._workers[identity] = slot
-            self._by_pid[pid] = slot
-            log.debug("worker %d ready", pid)
-            self._became_idle(slot)
-            self._notify()
+
+    def _handle_ready(self, identity: bytes, info: wp.ReadyInfo) -> None:
+        exited_at = self._recently_exited.pop(info.pid, None)
+        if (
+            self._retired
+            or identity in self._workers
+            or (exited_at is not None and time.monotonic() - exited_at < STALE_READY_WINDOW)
+        ):
+            return
+        slot = WorkerSlot(identity, info.pid, info.host)
+        self._workers[identity] = slot
+        self._by_pid[info.pid] = slot
+        log.debug("worker %d ready", info.pid)
+        self._became_idle(slot)
+        self._notify()

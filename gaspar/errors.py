@@ -28,7 +28,11 @@ class GasparError(Exception):
 
 
 class StartupError(GasparError):
-    """A producer could not start: a port in use, a worker whose setup() failed."""
+    """A producer could not start; the message is the cause, on one line.
+
+    For example ``cannot listen on [::1]:10123: ...``, or for a worker whose
+    setup() raised, ``worker 123: setup() failed: RuntimeError: no model``.
+    """
 
 
 class RequestFailed(GasparError):

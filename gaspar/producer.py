@@ -28,10 +28,13 @@ import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import options
+from .address import format_address
 from .consumer import Consumer, Handler, as_consumer
 from .errors import StartupError
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, Limits, Status
-from .supervisor import EXIT_BOOT_ERROR, SupervisorLink
+from .options import DEFAULTS
+from .protocol import Limits, Status
+from .supervisor import SupervisorLink
 
 if TYPE_CHECKING:
     import asyncio
@@ -44,11 +47,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("gaspar.producer")
 
 NEW, STARTING, RUNNING, STOPPING, STOPPED = "new", "starting", "running", "stopping", "stopped"
+STOPPED_EARLY = "stopped before the workers were ready"
 
 # glibc's mallopt parameters, and what tune_malloc sets them to.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 4 << 20
 TRIM_THRESHOLD = 32 << 20
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ignore_setup_failure(pid: int, backoff: float, error: str) -> None:
+    pass
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from its exit code (minus a signal's number): for a log line."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def available_cpus() -> int:
@@ -94,43 +116,56 @@ class Producer:
         self,
         consumer: Consumer | type[Consumer] | Handler,
         port: int,
-        processes: int | None = None,
-        host: str = "127.0.0.1",
+        processes: int | None = DEFAULTS["processes"],
+        host: str = DEFAULTS["host"],
         *,
-        timeout: float | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        max_queue: int = 1000,
-        max_connections: int = 1024,
-        read_timeout: float = 30.0,
-        write_timeout: float = 30.0,
-        max_pipeline: int = 128,
-        idle_timeout: float = 300.0,
-        grace: float = 30.0,
-        use_uvloop: bool | None = None,
-        tune_malloc: bool = False,
+        timeout: float | None = DEFAULTS["timeout"],
+        max_message_size: int = DEFAULTS["max_message_size"],
+        max_queue: int = DEFAULTS["max_queue"],
+        max_connections: int = DEFAULTS["max_connections"],
+        read_timeout: float = DEFAULTS["read_timeout"],
+        write_timeout: float = DEFAULTS["write_timeout"],
+        max_pipeline: int = DEFAULTS["max_pipeline"],
+        idle_timeout: float = DEFAULTS["idle_timeout"],
+        grace: float = DEFAULTS["grace"],
+        use_uvloop: bool | None = DEFAULTS["use_uvloop"],
+        tune_malloc: bool = DEFAULTS["tune_malloc"],
     ) -> None:
-        if processes is not None and processes < 1:
-            raise ValueError("processes must be at least 1")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if not 0 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
-            raise ValueError(f"max_message_size must be between 0 and {MAX_MESSAGE_SIZE_LIMIT}")
-        self.consumer = as_consumer(consumer)
-        self.host = host
-        self.port = port
-        self.processes = processes or available_cpus()
-        self.timeout = timeout
-        self.max_queue = max_queue
-        self.grace = grace
-        self.use_uvloop = use_uvloop
-        self.tune_malloc = tune_malloc
-        self.limits = Limits(
-            max_message_size,
-            max_connections,
-            read_timeout,
-            write_timeout,
+        # Every option is checked against gaspar/options.py; a bad one is a
+        # one-line ValueError naming it and what it may be.
+        o = options.validate(
+            port=port,
+            processes=processes,
+            host=host,
+            timeout=timeout,
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            max_connections=max_connections,
+            read_timeout=read_timeout,
+            write_timeout=write_timeout,
             max_pipeline=max_pipeline,
             idle_timeout=idle_timeout,
+            grace=grace,
+            use_uvloop=use_uvloop,
+            tune_malloc=tune_malloc,
+        )
+        self.consumer = as_consumer(consumer)
+        self.options: dict[str, Any] = o  # every option, checked, by name
+        self.host: str = o["host"]
+        self.port: int = o["port"]
+        self.processes: int = o["processes"] or available_cpus()
+        self.timeout: float | None = o["timeout"]
+        self.max_queue: int = o["max_queue"]
+        self.grace: float = o["grace"]
+        self.use_uvloop: bool | None = o["use_uvloop"]
+        self.tune_malloc: bool = o["tune_malloc"]
+        self.limits = Limits(
+            o["max_message_size"],
+            o["max_connections"],
+            o["read_timeout"],
+            o["write_timeout"],
+            max_pipeline=o["max_pipeline"],
+            idle_timeout=o["idle_timeout"],
         )
         self.state = NEW
         self.address: tuple[str, int] | None = None
@@ -142,6 +177,8 @@ class Producer:
         self._loop_thread: threading.Thread | None = None
         self._stop_event: asyncio.Event | None = None
         self._stop_grace: float | None = None
+        self._stop_requested = False  # by stop(), possibly before the loop exists
+        self._supervisor_lost = False
         self._tmpdir: str | None = None
         self._link: SupervisorLink | None = None
         self._dispatcher: Dispatcher | None = None
@@ -155,20 +192,35 @@ class Producer:
             if self.state != NEW:
                 raise RuntimeError(f"producer already {self.state}")
             self.state = STARTING
-        self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
-        endpoint = f"ipc://{self._tmpdir}/workers"
         # ZeroMQ's module (not a context: no thread, no socket) is loaded before
         # the fork, so that the producer, the supervisor and the workers share it.
         import zmq  # noqa: F401
 
         try:
-            self._link = SupervisorLink.fork(self.consumer, endpoint, self.processes)
-        except BaseException:
+            self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
+            endpoint = f"ipc://{self._tmpdir}/workers"
+            self._link = SupervisorLink.fork(
+                self.consumer, endpoint, self.processes, private_dir=self._tmpdir
+            )
+        except BaseException as exc:
             self._cleanup_files()
-            self.state = STOPPED
+            with self._lock:
+                self.state = STOPPED
+            self._ready.set()
+            self._finished.set()
+            if isinstance(exc, OSError):
+                log.error("could not start: cannot fork the supervisor: %s", exc)
+                raise StartupError(f"cannot fork the supervisor: {exc}") from exc
             raise
         if self.tune_malloc:
-            tune_malloc()
+            if tune_malloc():
+                log.info(
+                    "malloc tuned: blocks below %d MiB from the heap, %d MiB of free heap kept",
+                    MMAP_THRESHOLD >> 20,
+                    TRIM_THRESHOLD >> 20,
+                )
+            else:
+                log.info("tune_malloc: not glibc; malloc left as it is")
         if blocking:
             self._run(
                 endpoint, install_signals=threading.current_thread() is threading.main_thread()
@@ -192,11 +244,17 @@ class Producer:
         have exited, unless called from the producer's own event loop.
         """
         with self._lock:
-            loop, state = self._loop, self.state
-        if state in (NEW, STOPPED) or loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._request_stop, grace)
+            if self.state in (NEW, STOPPED):
+                return
+            if not self._stop_requested:
+                # Seen by _main even if its loop does not exist yet.
+                self._stop_requested, self._stop_grace = True, grace
+            if self.state == STARTING:
+                self.state = STOPPING
+            loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._request_stop, grace)
         if self._in_loop_thread():
             return
         self._finished.wait()
@@ -252,7 +310,7 @@ class Producer:
         self.stop()
 
     def __repr__(self) -> str:
-        where = f"{self.address[0]}:{self.address[1]}" if self.address else f"port {self.port}"
+        where = format_address(*self.address) if self.address else f"port {self.port}"
         return f"<Producer {where} {self.processes} workers {self.state}>"
 
     # -- event loop --------------------------------------------------------------
@@ -312,6 +370,12 @@ class Producer:
         self._stop_grace = grace
         self._stop_event.set()
 
+    def _supervisor_died(self) -> None:
+        self._supervisor_lost = True
+        if self.state == RUNNING:
+            log.critical("supervisor process died; stopping")
+        self._request_stop(None)
+
     async def _main(self, endpoint: str) -> None:
         import asyncio
 
@@ -319,6 +383,9 @@ class Producer:
 
         loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        with self._lock:
+            if self._stop_requested:
+                self._stop_event.set()
         link = self._link
         assert link is not None
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
@@ -333,8 +400,15 @@ class Producer:
                 )
                 if not isinstance(exc, StartupError):
                     self._startup_error.__cause__ = exc
+                # The cause first, before the lines that tearing down writes.
+                if self._stop_event.is_set() and self._startup_error.args == (STOPPED_EARLY,):
+                    log.info("%s", STOPPED_EARLY)
+                else:
+                    log.error("could not start: %s", self._startup_error)
                 return
-            self.state = RUNNING
+            with self._lock:
+                if self.state == STARTING:
+                    self.state = RUNNING
             self._ready.set()
             await self._stop_event.wait()
             self.state = STOPPING
@@ -352,34 +426,54 @@ class Producer:
     ) -> None:
         import asyncio
 
+        import zmq
+
         from .dispatcher import Dispatcher
         from .server import Server
 
-        boot_failed: list[int] = []
-        dispatcher = Dispatcher(
-            ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue
-        )
+        boot_failed: list[str] = []
+        try:
+            dispatcher = Dispatcher(
+                ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue
+            )
+        except zmq.ZMQError as exc:
+            path = endpoint.removeprefix("ipc://")
+            limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0)
+            reason = (
+                f"its path has {len(path)} characters, over the {limit} an ipc path may have;"
+                " set TMPDIR to a shorter directory"
+                if limit and len(path) > limit
+                else str(exc)
+            )
+            raise StartupError(f"cannot bind the workers' endpoint {endpoint}: {reason}") from exc
         self._dispatcher = dispatcher
 
+        def on_setup_failed(pid: int, backoff: float, error: str) -> None:
+            if self.state == STARTING:
+                # Its "exited" follows, and wakes the wait below.
+                boot_failed.append(f"worker {pid}: setup() failed: {error}")
+            elif self.state == RUNNING:
+                log.error(
+                    "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
+                )
+
         def on_exited(pid: int, code: int) -> None:
-            if code == EXIT_BOOT_ERROR and self.state == STARTING:
-                boot_failed.append(pid)
+            # During start-up any death is a failure of it: a worker that
+            # crashes (not raises) in setup() would otherwise be replaced for ever.
+            if self.state == STARTING and not boot_failed:
+                boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
             dispatcher.worker_exited(pid, code)
 
-        def on_lost() -> None:
-            if self.state in (STARTING, RUNNING):
-                log.critical("supervisor process died; stopping")
-                assert self._stop_event is not None
-                self._stop_event.set()
-
+        link.on_setup_failed = on_setup_failed
         link.on_exited = on_exited
-        link.on_lost = on_lost
+        link.on_lost = self._supervisor_died
         link.attach(loop)
         self._server = Server(dispatcher, self.limits)
         try:
             self.address = await self._server.listen(self.host, self.port)
         except OSError as exc:
-            raise StartupError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+            where = format_address(self.host, self.port)
+            raise StartupError(f"cannot listen on {where}: {exc}") from exc
         link.go()
         want = self.processes
         assert self._stop_event is not None
@@ -397,13 +491,14 @@ class Producer:
             for waiting in waits:
                 waiting.cancel()
         if boot_failed:
-            raise StartupError("a worker's setup() failed; see the log for its traceback")
+            raise StartupError(boot_failed[0])
+        if self._supervisor_lost:
+            raise StartupError("the supervisor process died before the workers were ready")
         if dispatcher.ready_workers < want:
-            raise StartupError("stopped before the workers were ready")
+            raise StartupError(STOPPED_EARLY)
         log.info(
-            "listening on %s:%d with %d workers (pid %d)",
-            self.address[0],
-            self.address[1],
+            "listening on %s with %d workers (pid %d)",
+            format_address(*self.address),
             want,
             os.getpid(),
         )
@@ -422,6 +517,9 @@ class Producer:
             server.abort_all()
 
     async def _teardown(self, ctx: zmq.Context[zmq.Socket[bytes]], link: SupervisorLink) -> None:
+        # From here the supervisor's exit and the workers' are expected.
+        link.on_lost = _nothing
+        link.on_setup_failed = _ignore_setup_failure
         if self._server is not None:
             self._server.stop_accepting()
             self._server.abort_all()
@@ -435,7 +533,8 @@ class Producer:
         link.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
-        ctx.term()
+        # destroy, not term: a socket left open by a failed start must not hang us.
+        ctx.destroy(linger=0)
         self._cleanup_files()
         log.info("stopped")
 

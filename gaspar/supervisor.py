@@ -15,11 +15,18 @@ The producer and the supervisor talk over a Unix socket pair, one ASCII line a
 message:
 
     producer -> supervisor   go | kill PID | stop SECONDS
-    supervisor -> producer   spawned PID | exited PID CODE
+    supervisor -> producer   spawned PID | setup-failed PID BACKOFF ERROR | exited PID CODE
 
-CODE is the exit code, or minus the signal number that ended the worker.
+CODE is the exit code, or minus the signal number that ended the worker.  A
+worker whose setup() raised writes "TypeName: message" to a pipe of its own
+before it exits with EXIT_BOOT_ERROR; the supervisor passes it on as ERROR
+(one line, UTF-8) with the seconds it will wait before the next attempt, just
+before that worker's "exited" line; the producer decides what to say of it.
+
 Each side notices the other's death by EOF on that socket; workers notice the
 supervisor's death by a parent-death signal (Linux) or by being reparented.
+A supervisor that sees its producer die without a "stop" removes the
+producer's private directory (the ipc endpoint's), which nobody else will.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import gc
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -39,16 +47,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .consumer import Consumer
+from .exitcodes import EXIT_BOOT_ERROR, EXIT_ERROR, MAX_SETUP_ERROR
 
 if TYPE_CHECKING:
     import asyncio
 
 log = logging.getLogger("gaspar.supervisor")
-
-# Exit codes a worker process ends with.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BOOT_ERROR = 3
 
 # Backoff between attempts to replace a worker whose setup() failed.
 BOOT_BACKOFF_MIN = 0.5
@@ -60,14 +64,23 @@ class Supervisor:
     """The supervisor process's main loop, in the spirit of gunicorn's arbiter."""
 
     def __init__(
-        self, consumer: Consumer, endpoint: str, processes: int, control: socket.socket
+        self,
+        consumer: Consumer,
+        endpoint: str,
+        processes: int,
+        control: socket.socket,
+        private_dir: str | None = None,
     ) -> None:
         self.consumer = consumer
         self.endpoint = endpoint
         self.processes = processes
         self.control = control
+        self.private_dir = private_dir
         self.workers: set[int] = set()
+        # The read end of each worker's pipe for its setup() error.
+        self.reports: dict[int, int] = {}
         self.stopping = False
+        self.orphaned = False
         self.term_timeout = 5.0
         self.backoff = 0.0
         self.next_spawn = 0.0
@@ -82,8 +95,15 @@ class Supervisor:
         # The worker's code is loaded once here, so that every worker shares it.
         from . import worker  # noqa: F401
 
-        if not self._wait_for_go():
-            return 0
+        try:
+            if self._wait_for_go():
+                self._serve()
+        finally:
+            if self.orphaned and self.private_dir is not None:
+                shutil.rmtree(self.private_dir, ignore_errors=True)
+        return 0
+
+    def _serve(self) -> None:
         while not self.stopping:
             self.manage_workers()
             timeout = None
@@ -96,7 +116,6 @@ class Supervisor:
             if self.control.fileno() in ready:
                 self._read_control()
         self.shutdown()
-        return 0
 
     def manage_workers(self) -> None:
         """Fork workers until there are `processes` of them, unless backing off."""
@@ -108,18 +127,34 @@ class Supervisor:
         # Objects that exist now stay out of the collector's passes, in the
         # worker and here, so that those passes do not copy the pages they share.
         gc.freeze()
-        pid = os.fork()
+        report_r, report_w = os.pipe()
+        # SIGTERM waits until the child has dropped our handler for it: one sent
+        # to a worker that has just been forked must not be taken as ours.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        pid = -1
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(report_r)
+            os.close(report_w)
+            raise
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if pid == 0:
             code = EXIT_ERROR
             try:
+                os.close(report_r)
                 self._become_worker()
                 from . import worker
 
-                code = worker.main(self.consumer, self.endpoint)
+                code = worker.main(self.consumer, self.endpoint, report_w)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
                 _flush_and_exit(code)
+        os.close(report_w)
+        self.reports[pid] = report_r
         self.workers.add(pid)
         self._tell(f"spawned {pid}")
         log.debug("spawned worker %d", pid)
@@ -143,13 +178,28 @@ class Supervisor:
                 continue
             self.workers.discard(pid)
             code = os.waitstatus_to_exitcode(status)
-            self._tell(f"exited {pid} {code}")
+            error = self._take_report(pid)
             if code == EXIT_BOOT_ERROR:
                 self.backoff = min(BOOT_BACKOFF_MAX, max(BOOT_BACKOFF_MIN, self.backoff * 2))
                 self.next_spawn = time.monotonic() + self.backoff
-                log.error("worker %d failed in setup(); next attempt in %.1fs", pid, self.backoff)
+                self._tell(f"setup-failed {pid} {self.backoff} {error or 'unknown error'}")
             else:
                 self.backoff = 0.0
+            self._tell(f"exited {pid} {code}")
+
+    def _take_report(self, pid: int) -> str:
+        """What worker `pid` wrote to its pipe (its setup() error), as one line."""
+        fd = self.reports.pop(pid, None)
+        if fd is None:
+            return ""
+        try:
+            os.set_blocking(fd, False)
+            data = os.read(fd, MAX_SETUP_ERROR)
+        except OSError:  # BlockingIOError: nothing was written
+            data = b""
+        finally:
+            os.close(fd)
+        return " ".join(data.decode("utf-8", "replace").split())
 
     def shutdown(self) -> None:
         """SIGTERM every worker, SIGKILL those still there after term_timeout, reap all."""
@@ -209,6 +259,7 @@ class Supervisor:
         if not data:
             log.debug("producer gone; supervisor stopping")
             self.stopping = True
+            self.orphaned = True
             return False
         self._inbox += data
         go = False
@@ -222,18 +273,22 @@ class Supervisor:
             elif cmd == "stop":
                 self.term_timeout = float(arg)
                 self.stopping = True
+                self.orphaned = False
         return go
 
     def _tell(self, line: str) -> None:
         with contextlib.suppress(OSError):
-            self.control.sendall(line.encode("ascii") + b"\n")
+            self.control.sendall(line.encode("utf-8") + b"\n")
 
     def _become_worker(self) -> None:
         """Shed the supervisor's descriptors and signal set-up in a new worker."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (self._wake_r, self._wake_w):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        for fd in (self._wake_r, self._wake_w, *self.reports.values()):
             os.close(fd)
+        self.reports.clear()
         self.control.close()
         _die_with_parent()
 
@@ -272,28 +327,36 @@ class SupervisorLink:
         self._gone: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_spawned: Callable[[int], None] = lambda pid: None
+        self.on_setup_failed: Callable[[int, float, str], None] = lambda pid, backoff, error: None
         self.on_exited: Callable[[int, int], None] = lambda pid, code: None
         self.on_lost: Callable[[], None] = lambda: None
 
     @classmethod
-    def fork(cls, consumer: Consumer, endpoint: str, processes: int) -> SupervisorLink:
-        """Fork the supervisor; it waits for :meth:`go` before forking workers."""
+    def fork(
+        cls, consumer: Consumer, endpoint: str, processes: int, private_dir: str | None = None
+    ) -> SupervisorLink:
+        """Fork the supervisor; it waits for :meth:`go` before forking workers.
+
+        `private_dir` is removed by the supervisor if this process dies first.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The supervisor (and, after it, every worker) keeps what exists now out
         # of the collector's passes, which would otherwise copy the pages it
-        # shares with us; here they are collected as before.
+        # shares with us; here they are collected as before, unless the caller
+        # had frozen some itself (unfreeze cannot tell theirs from ours).
+        caller_froze = gc.get_freeze_count() > 0
         gc.freeze()
         pid = -1
         try:
             pid = os.fork()
         finally:
-            if pid != 0:
+            if pid != 0 and not caller_froze:
                 gc.unfreeze()
         if pid == 0:
             code = 1
             try:
                 ours.close()
-                code = Supervisor(consumer, endpoint, processes, theirs).run()
+                code = Supervisor(consumer, endpoint, processes, theirs, private_dir).run()
             except BaseException:
                 log.exception("supervisor crashed")
             finally:
@@ -374,8 +437,10 @@ class SupervisorLink:
         self._inbox += data
         while b"\n" in self._inbox:
             line, self._inbox = self._inbox.split(b"\n", 1)
-            words = line.decode("ascii").split()
+            words = line.decode("utf-8", "replace").split(" ", 3)
             if words[0] == "spawned":
                 self.on_spawned(int(words[1]))
+            elif words[0] == "setup-failed":
+                self.on_setup_failed(int(words[1]), float(words[2]), words[3])
             elif words[0] == "exited":
                 self.on_exited(int(words[1]), int(words[2]))

@@ -12,6 +12,7 @@ parent-death signal); elsewhere it notices within ORPHAN_CHECK seconds.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import zmq
 
 from . import workerproto as wp
 from .consumer import Consumer
-from .supervisor import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK
+from .exitcodes import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, MAX_SETUP_ERROR
 
 log = logging.getLogger("gaspar.worker")
 
@@ -36,20 +37,28 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def main(consumer: Consumer, endpoint: str) -> int:
+def main(consumer: Consumer, endpoint: str, report: int | None = None) -> int:
     """Body of a freshly forked worker process; returns its exit code.
 
     SIGINT is ignored (a terminal's Ctrl-C reaches the whole process group and
     the producer decides how to stop); SIGTERM keeps its default, since the
-    supervisor sends it only to workers it is retiring.
+    supervisor sends it only to workers it is retiring.  If setup() raises, its
+    "TypeName: message" is written to the descriptor `report` (the
+    supervisor's pipe), which is closed either way before serving.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         consumer.setup()
-    except Exception:
+    except Exception as exc:
         log.error("setup() failed in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
+        if report is not None:
+            with contextlib.suppress(OSError):
+                os.write(report, describe_error(exc).encode("utf-8", "replace")[:MAX_SETUP_ERROR])
         return EXIT_BOOT_ERROR
+    finally:
+        if report is not None:
+            os.close(report)
     try:
         serve(consumer, endpoint)
     except Exception:

@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import struct
+from typing import NamedTuple
 
 import zmq
 
@@ -124,9 +125,21 @@ def ready_info() -> bytes:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
 
 
-def parse_ready(info: bytes) -> dict[str, object]:
-    """Decode a READY message's info; raise ValueError when malformed."""
-    data = json.loads(info)
+class ReadyInfo(NamedTuple):
+    """What a worker says of itself in its READY message."""
+
+    pid: int
+    host: str
+
+
+def parse_ready(info: bytes) -> ReadyInfo:
+    """Decode a READY message's info; raise ValueError (only) when malformed."""
+    data = json.loads(info)  # a JSONDecodeError or UnicodeDecodeError is a ValueError
     if not isinstance(data, dict):
         raise ValueError("READY info is not an object")
-    return data
+    pid, host = data.get("pid"), data.get("host", "")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise ValueError(f"READY info without a valid pid: {pid!r}")
+    if not isinstance(host, str):
+        raise ValueError(f"READY info with a host that is not a string: {host!r}")
+    return ReadyInfo(pid, host)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,6 +13,29 @@ import pytest
 
 import gaspar
 from gaspar.protocol import pack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Producers of this run, here and in subprocesses, put their directories in one
+    place of the run's own; a `gaspar-*` left there at the end fails the run."""
+    base = tmp_path_factory.mktemp("tmpdir")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(base)
+    tempfile.tempdir = None  # read TMPDIR again
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+    def left() -> list[str]:
+        return sorted(path.name for path in base.glob("gaspar-*"))
+
+    # A supervisor whose producer was killed removes its directory as it leaves.
+    wait_until(lambda: not left(), timeout=10)
+    assert not left(), f"the run left these behind in {base}: {left()}"
 
 
 @pytest.fixture

@@ -75,14 +75,17 @@ class Worker:
 
 @asynccontextmanager
 async def dispatcher(
-    tmp_path: Path, workers: int = 2, timeout: float | None = None
+    tmp_path: Path,
+    workers: int = 2,
+    timeout: float | None = None,
+    cls: type[Dispatcher] = Dispatcher,
 ) -> AsyncIterator[tuple[Dispatcher, list[Worker], list[int]]]:
     """A Dispatcher on an ipc endpoint, and `workers` test workers that said READY."""
     endpoint = f"ipc://{tmp_path}/d"
     ctx = zmq.Context()
     actx = zmq.asyncio.Context()
     killed: list[int] = []
-    disp = Dispatcher(ctx, endpoint, kill=killed.append, timeout=timeout)
+    disp = cls(ctx, endpoint, kill=killed.append, timeout=timeout, max_queue=1000)
     peers = [Worker(actx, endpoint, 1000 + i) for i in range(workers)]
     try:
         for n, peer in enumerate(peers, 1):  # one by one: they are idle in this order
@@ -257,7 +260,7 @@ def test_a_burst_of_tiny_requests_is_batched_end_to_end(serve) -> None:
     producer = serve(handlers.behave, processes=2)
     payloads = [b"echo:%d" % i for i in range(3000)]
     assert asyncio.run(burst(producer.address, payloads)) == [b"%d" % i for i in range(3000)]
-    assert producer._dispatcher.batches > 0
+    assert producer.stats()["batches"] > 0
 
 
 @pytest.mark.timeout(60)
@@ -265,7 +268,7 @@ def test_requests_of_a_few_milliseconds_are_not_batched(serve) -> None:
     producer = serve(handlers.behave, processes=2)
     replies = asyncio.run(burst(producer.address, [b"sleep:0.003"] * 200))
     assert replies == [b"slept:0.003"] * 200
-    assert producer._dispatcher.batches == 0
+    assert producer.stats()["batches"] == 0
 
 
 @pytest.mark.timeout(60)
@@ -278,4 +281,4 @@ def test_a_worker_dying_in_a_burst_fails_a_bounded_few_and_the_rest_answer(serve
     assert 2000 in lost and len(lost) <= BATCH_MAX
     assert all(isinstance(results[i], gaspar.WorkerLost) for i in lost)
     assert all(results[i] == b"%d" % i for i in range(3000) if i not in lost)
-    assert producer._dispatcher.batches > 0
+    assert producer.stats()["batches"] > 0

@@ -11,6 +11,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -57,13 +58,14 @@ def test_default_processes_follow_cpu_affinity() -> None:
     assert producer.processes == len(os.sched_getaffinity(0))
 
 
-def test_context_manager_starts_and_stops_cleanly() -> None:
+def test_context_manager_starts_and_stops_cleanly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its directory goes
     with gaspar.Producer(handlers.behave, 0, processes=2) as producer:
         assert request(producer.address, b"echo:hi", timeout=10) == b"hi"
         supervisor, workers = producer.supervisor_pid, producer.worker_pids()
-        tmpdir = producer._tmpdir
-        assert tmpdir is not None and os.path.isdir(tmpdir)
+        (tmpdir,) = tmp_path.glob("gaspar-*")
         assert os.stat(tmpdir).st_mode & 0o777 == 0o700
+        assert (tmpdir / "workers").is_socket()
     assert supervisor is not None and not alive(supervisor)
     assert not any(alive(pid) for pid in workers)
     assert not os.path.exists(tmpdir)
@@ -87,15 +89,17 @@ def test_lambda_and_closure_handlers_work_even_with_spawn_as_default(serve) -> N
 
 
 def test_consumer_subclass_setup_runs_in_each_worker(serve) -> None:
+    """Each worker's prefix is its own pid, set in setup(): setup ran after each fork."""
     producer = serve(handlers.Prefixed, processes=2)
     pids = set(producer.worker_pids())
+    assert len(pids) == 2
     seen = set()
     for _ in range(20):
         reply = request(producer.address, b"m", timeout=10)
         pid, _, rest = reply.partition(b":")
         assert rest == b"m"
         seen.add(int(pid))
-    assert seen <= pids
+    assert seen == pids  # idle workers take turns, so both answered
 
 
 def test_str_reply_is_utf8(serve) -> None:

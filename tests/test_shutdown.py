@@ -41,9 +41,11 @@ class Requests:
 
 
 def wait_outstanding(producer: gaspar.Producer, n: int) -> None:
-    dispatcher = producer._dispatcher
-    assert dispatcher is not None
-    assert wait_until(lambda: dispatcher.outstanding >= n, timeout=10)
+    def outstanding() -> int:
+        stats = producer.stats()
+        return int(stats["queued"] + stats["in_flight"])
+
+    assert wait_until(lambda: outstanding() >= n, timeout=10)
 
 
 def test_stop_lets_in_flight_and_queued_requests_finish() -> None:
@@ -114,23 +116,27 @@ sys.stdin.read()  # hold until the test kills us
 """
 
 
-def test_workers_do_not_outlive_a_killed_producer() -> None:
-    """SIGKILL the producer: its supervisor and workers notice and leave."""
+def test_workers_do_not_outlive_a_killed_producer(tmp_path) -> None:
+    """SIGKILL the producer: its supervisor and workers notice and leave, and the
+    supervisor removes the producer's private directory, which nobody else would."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=os.path.dirname(os.path.dirname(__file__)),
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
         port, supervisor, *workers = (int(x) for x in line)
         assert request(("127.0.0.1", port), b"echo:up", timeout=10) == b"up"
+        assert len(list(tmp_path.glob("gaspar-*"))) == 1
         proc.kill()
         proc.wait(10)
         assert wait_until(lambda: not alive(supervisor), timeout=20)
         assert wait_until(lambda: not any(alive(p) for p in workers), timeout=20)
+        assert list(tmp_path.glob("gaspar-*")) == []
     finally:
         proc.kill()
         proc.wait(10)
