@@ -115,14 +115,16 @@ def test_client_typed_errors(producer) -> None:
 
 
 def test_client_overloaded_and_shutting_down(serve) -> None:
-    busy = serve(handlers.behave, processes=1, max_queue=0)
+    busy = serve(handlers.behave, processes=1, max_queue=1)
     with Client(busy.address, timeout=10) as client:
-        worker = threading.Thread(target=client.request, args=(b"sleep:0.5",))
-        worker.start()
-        assert wait_until(lambda: busy._dispatcher.outstanding == 1, timeout=10)
+        workers = [threading.Thread(target=client.request, args=(b"sleep:0.5",)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        assert wait_until(lambda: busy.stats()["queued"] == 1, timeout=10)
         with pytest.raises(gaspar.Overloaded):
             client.request(b"echo:no room")
-        worker.join(10)
+        for worker in workers:
+            worker.join(10)
 
 
 def test_client_timeout_closes_the_connection_and_recovers(producer) -> None:
@@ -293,16 +295,14 @@ def test_cancelled_request_never_gets_delivered_to_another_caller(producer) -> N
 def test_cancelled_one_shot_closes_its_socket(producer) -> None:
     async def main() -> None:
         task = asyncio.ensure_future(aio.request(producer.address, b"sleep:0.5"))
-        assert await asyncio.to_thread(
-            wait_until, lambda: len(producer._server.connections) == 1, 10
-        )
+        assert await asyncio.to_thread(wait_until, lambda: producer.stats()["connections"] == 1, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(main())
     # The server sees the connection go: the client closed it on cancellation.
-    assert wait_until(lambda: len(producer._server.connections) == 0, timeout=10)
+    assert wait_until(lambda: producer.stats()["connections"] == 0, timeout=10)
 
 
 def test_async_client_server_going_away(fake) -> None:
@@ -357,12 +357,15 @@ def test_app_calls_through_both_clients(serve) -> None:
 
 def test_closing_a_busy_async_client_drops_its_queued_requests(serve) -> None:
     producer = serve(handlers.behave, processes=1)
-    dispatcher = producer._dispatcher
+
+    def outstanding() -> int:
+        stats = producer.stats()
+        return int(stats["queued"] + stats["in_flight"])
 
     async def main() -> None:
         client = aio.AsyncClient(producer.address, timeout=30)
         tasks = [asyncio.ensure_future(client.request(b"sleep:1")) for _ in range(5)]
-        ready = await asyncio.to_thread(wait_until, lambda: dispatcher.outstanding == 5, 10)
+        ready = await asyncio.to_thread(wait_until, lambda: outstanding() == 5, 10)
         assert ready
         await client.close()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -372,7 +375,7 @@ def test_closing_a_busy_async_client_drops_its_queued_requests(serve) -> None:
     asyncio.run(main())
     # The four queued requests are dropped, not run for nobody: only the running
     # one (1 s) is left, where running all five would take 5 s.
-    assert wait_until(lambda: dispatcher.outstanding == 0, timeout=10)
+    assert wait_until(lambda: outstanding() == 0, timeout=10)
     assert time.monotonic() - started < 3
 
 
