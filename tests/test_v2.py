@@ -126,12 +126,22 @@ def test_too_large_is_skipped_and_the_connection_stays_usable(serve) -> None:
     client.close()
 
 
-def test_duplicate_id_in_flight_is_a_bad_request(two_workers) -> None:
+def test_duplicate_id_in_flight_resets_the_connection(two_workers) -> None:
+    """A reused id is a connection error: no reply for either request, then a reset."""
     client = MinimalClient(two_workers.address)
+    client.send(2, b"echo:answered first")
+    assert client.reply() == (2, OK, b"answered first")
     client.send(1, b"sleep:0.3")
     client.send(1, b"echo:dup")
-    assert client.reply()[:2] == (1, BAD_REQUEST)
-    assert client.reply() == (1, OK, b"slept:0.3")
+    with pytest.raises(ConnectionResetError):
+        client.reply()
+    client.close()
+    assert wait_until(lambda: two_workers.stats()["connections"] == 0)
+    assert two_workers.stats()["requests"]["bad_request"] == 0
+    # An id may be reused once its reply has arrived, and a new connection works.
+    client = MinimalClient(two_workers.address)
+    client.send(1, b"echo:a")
+    assert client.reply() == (1, OK, b"a")
     client.send(1, b"echo:reused after its reply")
     assert client.reply() == (1, OK, b"reused after its reply")
     client.close()
