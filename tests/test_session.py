@@ -160,24 +160,22 @@ def test_eof_waits_for_in_flight_and_held_frames_but_not_a_truncated_one() -> No
 # -- fuzz ------------------------------------------------------------------------------
 
 frames = st.lists(
-    st.tuples(
-        st.integers(0, 6),  # few ids: reuse in flight happens
-        st.one_of(st.binary(max_size=40), st.integers(41, 2**32 - 1)),  # payload or a length
-    ),
+    st.tuples(st.integers(0, 12), st.binary(max_size=60)),  # few ids: reuse in flight happens
     max_size=12,
 )
 
 
 @st.composite
 def v2_streams(draw: st.DrawFn) -> bytes:
-    """A preamble then frames (some oversized, some truncated), now and then corrupted."""
+    """A preamble then frames (some oversized, the last maybe truncated), now and then corrupted."""
     data = bytearray(MAGIC_V2)
     for rid, body in draw(frames):
-        if isinstance(body, int):  # a header declaring `body` bytes, with a little of them
-            data += struct.pack("!II", rid, body) + draw(st.binary(max_size=20))
-        else:
-            data += pack_request_v2(rid, body)
-    if draw(st.booleans()):
+        data += pack_request_v2(rid, body)
+    if draw(st.booleans()):  # a last frame cut short, or declaring a huge length
+        length = draw(st.integers(0, 2**32 - 1))
+        data += struct.pack("!II", draw(st.integers(0, 12)), length)
+        data += draw(st.binary(max_size=20))
+    if draw(st.integers(0, 3)) == 0:
         pos = draw(st.integers(0, len(data)))
         data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
     return bytes(data)
@@ -192,7 +190,7 @@ seen = {"inputs": 0, "v2": 0, "requests": 0}
     data=streams,
     cuts=st.lists(st.integers(0, 600), max_size=10),
     answer=st.lists(st.booleans(), max_size=30),
-    stop_at=st.integers(0, 12),
+    stop_at=st.integers(0, 40),
 )
 def fuzz_session(data: bytes, cuts: list[int], answer: list[bool], stop_at: int) -> None:
     """Any bytes: events, NEED_DATA, or ProtocolError; replies always parse and match ids."""
@@ -223,7 +221,7 @@ def fuzz_session(data: bytes, cuts: list[int], answer: list[bool], stop_at: int)
                     expected.append((rid, Status.OK))
             answered += [(i, s) for i, s, _ in replies(session, reader)]
     except ProtocolError:
-        pass
+        return  # the server resets the connection: nothing more is written
     finally:
         if session.greeted:
             seen["v2"] += 1
@@ -238,4 +236,4 @@ def test_session_fuzz_reaches_v2() -> None:
     v2 = seen["v2"] - before["v2"]
     assert inputs >= 100
     assert v2 >= inputs // 3, f"only {v2} of {inputs} inputs got past the preamble"
-    assert seen["requests"] - before["requests"] >= inputs
+    assert seen["requests"] - before["requests"] >= inputs // 2
