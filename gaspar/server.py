@@ -13,10 +13,11 @@ Bounds that the server keeps, whatever the client does:
 
 - every write ends within ``write_timeout`` of the client's last progress in
   reading, or in an abort (a reset), which works on a closing transport too;
-- a v1 socket closes abortively (SO_LINGER 0, inherited from the listening
-  socket) until its whole reply is in the kernel, so a producer that dies
-  mid-request resets its v1 clients instead of sending a FIN that reads as an
-  empty reply;
+- a socket closes abortively (SO_LINGER 0, inherited from the listening
+  socket) until the server closes it with every reply in the kernel, so a
+  producer that dies mid-request resets its clients instead of sending a FIN
+  that a v1 client would read as an empty reply (and a v2 client as a clean
+  close);
 - a v2 connection stops reading while its replies wait to be written
   (transport back-pressure, and the session's own backlog bound);
 - at ``max_connections``, idle v2 connections are closed oldest first to
@@ -469,8 +470,6 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self.write_paused = False  # the transport asked us to stop writing
         self.deadline = 0.0
         self.timer_kind = ""
-        # An idle close or an eviction is a FIN, not the v1 default of a reset.
-        set_linger(transport, _NO_LINGER)
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -505,14 +504,19 @@ class V2Connection(_Deadline, asyncio.Protocol):
         # The client is not taking its replies: stop taking its requests, and
         # give it write_timeout to make progress.
         self.write_paused = True
-        self._pause()
-        self._timers()
+        if self.state == OPEN:
+            self._pause()
+            self._timers()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        transport = self.transport
         if self.state == OPEN:
             self._timers()
             self._maybe_resume()
+        elif self.state == CLOSING and transport and not transport.get_write_buffer_size():
+            # Every reply is in the kernel: the close may be a FIN after them.
+            set_linger(transport, _NO_LINGER)
 
     # -- control -----------------------------------------------------------------
 
@@ -649,7 +653,13 @@ class V2Connection(_Deadline, asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        """Write what is queued and close (FIN); bounded by write_timeout."""
+        """Write what is queued and close: a FIN once every reply is in the kernel.
+
+        Until then the socket stays abortive (SO_LINGER 0, as every accepted
+        socket starts): if we die first, the client sees a reset, never an
+        end of stream that would pass for a clean close.  Bounded by
+        write_timeout.
+        """
         self.server.idle.pop(self, None)
         transport = self.transport
         assert transport is not None
@@ -658,9 +668,13 @@ class V2Connection(_Deadline, asyncio.Protocol):
             transport.writelines(out)
         self.state = CLOSING
         self._cancel_timer()
-        transport.close()
         if transport.get_write_buffer_size():
+            # Hear (resume_writing) when the last byte has gone to the kernel.
+            transport.set_write_buffer_limits(high=0)
             self._set_timer("write", self.server.limits.write_timeout)
+        else:
+            set_linger(transport, _NO_LINGER)
+        transport.close()
 
     def _timers(self, progress: bool = False) -> None:
         """Which deadline applies: write, frame, none (jobs in flight) or idle."""

@@ -212,16 +212,22 @@ def spawn(code: str, tmp_path: Path, procs: list[subprocess.Popen[str]]) -> subp
     return proc
 
 
-@pytest.mark.parametrize("use_uvloop", [False, True])
-def test_v1_client_sees_a_reset_when_the_producer_is_killed(
-    tmp_path, subprocess_group, use_uvloop: bool
+@pytest.mark.parametrize(
+    ("protocol", "use_uvloop"), [("v1", False), ("v1", True), ("v2", False), ("v2", True)]
+)
+def test_client_sees_a_reset_when_the_producer_is_killed(
+    tmp_path, subprocess_group, protocol: str, use_uvloop: bool
 ) -> None:
+    """Not an end of stream, which a v1 client would read as an empty reply."""
     pytest.importorskip("uvloop") if use_uvloop else None
     proc = spawn(KILLED_PRODUCER.format(uvloop=use_uvloop), tmp_path, subprocess_group)
     assert proc.stdout is not None and proc.stdin is not None
     port = int(proc.stdout.readline())
     with connect(("127.0.0.1", port)) as sock:
-        sock.sendall(struct.pack("!I", 8) + b"sleep:30")
+        if protocol == "v1":
+            sock.sendall(struct.pack("!I", 8) + b"sleep:30")
+        else:
+            sock.sendall(PREAMBLE + frame(1, b"sleep:30"))
         proc.stdin.write("sent\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "busy"

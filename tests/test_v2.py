@@ -167,6 +167,39 @@ def test_pipeline_and_queue_limits_answer_overloaded(serve) -> None:
     client.close()
 
 
+def test_error_body_is_the_type_name_alone_when_the_message_is_empty(two_workers) -> None:
+    client = MinimalClient(two_workers.address)
+    client.send(0, b"raise:")  # id 0 is an id like any other
+    assert client.reply() == (0, HANDLER_ERROR, b"ValueError")
+    client.send(1, b"raise:a: b")
+    assert client.reply()[2].split(b": ", 1) == [b"ValueError", b"a: b"]
+    client.close()
+
+
+def test_connection_carries_on_after_overloaded(serve) -> None:
+    producer = serve(handlers.behave, processes=1, max_pipeline=1)
+    client = MinimalClient(producer.address)
+    client.send(1, b"sleep:0.2")
+    client.send(2, b"echo:refused")
+    assert client.reply()[:2] == (2, OVERLOADED)
+    assert client.reply() == (1, OK, b"slept:0.2")
+    client.send(2, b"echo:now")
+    assert client.reply() == (2, OK, b"now")
+    client.close()
+
+
+def test_truncated_frame_then_half_close_answers_the_complete_ones(two_workers) -> None:
+    client = MinimalClient(two_workers.address)
+    client.send(1, b"sleep:0.2")
+    client.send(2, b"echo:whole")
+    client.sock.sendall(struct.pack("!II", 3, 100) + b"cut short")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert {client.reply() for _ in range(2)} == {(1, OK, b"slept:0.2"), (2, OK, b"whole")}
+    with pytest.raises(EOFError):  # a clean close: the cut frame is never answered
+        client.reply()
+    client.close()
+
+
 def test_half_close_gets_every_reply_then_eof(two_workers) -> None:
     client = MinimalClient(two_workers.address)
     for i in range(5):
