@@ -349,7 +349,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
             self._request(payload)
 
     def eof_received(self) -> bool:
-        if self.state == WAITING:
+        if self.state in (WAITING, WRITING):
             return True  # a half-close after a complete request: the reply can still go
         if self.state == READING and (self.reader.started or self.head):
             self.client_error("closed mid-request")
@@ -425,7 +425,8 @@ class V1Connection(_Deadline, asyncio.Protocol):
             return
         # The rest of the reply waits in the transport: hear when it has all
         # gone to the kernel (resume_writing at an empty buffer), and give the
-        # client write_timeout to take it.
+        # client write_timeout to take it.  Nothing more is read meanwhile.
+        transport.pause_reading()
         transport.set_write_buffer_limits(high=0)
         self._set_timer("write", self.server.limits.write_timeout)
 
@@ -458,7 +459,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
 class V2Connection(_Deadline, asyncio.Protocol):
     """One v2 connection: the asyncio side of a :class:`gaspar.protocol.SessionV2`."""
 
-    __slots__ = ("jobs", "paused", "session", "state", "write_paused")
+    __slots__ = ("flushing", "jobs", "paused", "session", "state", "write_paused")
 
     def __init__(self, server: Server, transport: asyncio.Transport) -> None:
         self.server = server
@@ -467,6 +468,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self.jobs: dict[int, Job] = {}  # requests in flight, by id
         self.state = OPEN
         self.paused = False  # we stopped reading (back-pressure, backlog, or stopping)
+        self.flushing = False  # the server will call flush()
         self.write_paused = False  # the transport asked us to stop writing
         self.deadline = 0.0
         self.timer_kind = ""
@@ -558,6 +560,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
 
     def flush(self) -> None:
         """Write the replies gathered since the last write, then read on if we may."""
+        self.flushing = False
         out = self.session.data_to_send()
         transport = self.transport
         if transport is None or self.state == CLOSED:
@@ -586,7 +589,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
             else:
                 jobs[rid] = job
         if self.session.unsent:
-            self._want_flush()
+            self._want_flush()  # our preamble, refusals
 
     def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
         self.jobs.pop(rid, None)
@@ -602,13 +605,13 @@ class V2Connection(_Deadline, asyncio.Protocol):
         # Replies that end together (a worker's batch, or refusals) leave in
         # one write: a system call per reply costs more than the wait.
         self.server.requests[KEYS[status]] += 1
-        session = self.session
-        if not session.unsent:
-            self._want_flush()
-        session.reply(rid, status, body)
+        self.session.reply(rid, status, body)
+        self._want_flush()
 
     def _want_flush(self) -> None:
-        self.server.want_flush(self)
+        if not self.flushing:
+            self.flushing = True
+            self.server.want_flush(self)
 
     # -- reading, pausing, closing -----------------------------------------------
 

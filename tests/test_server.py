@@ -94,6 +94,25 @@ def test_write_timeout_drops_a_client_that_stops_reading(serve, protocol: str) -
         sock.close()
 
 
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_v1_large_reply_survives_a_late_half_close(serve, use_uvloop: bool) -> None:
+    pytest.importorskip("uvloop") if use_uvloop else None
+    producer = serve(handlers.behave, processes=1, use_uvloop=use_uvloop)
+    body = bytes(range(256)) * (32 << 10)  # 8 MiB: the reply outlasts the kernel's buffers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.settimeout(20)
+    sock.connect(producer.address)
+    try:
+        sock.sendall(struct.pack("!I", len(body) + 5) + b"echo:" + body)
+        first = sock.recv(65536)
+        assert first
+        sock.shutdown(socket.SHUT_WR)  # while the reply is being written
+        assert first + read_to_eof(sock) == body
+    finally:
+        sock.close()
+
+
 def test_v2_back_pressure_stops_reading_until_replies_drain(serve) -> None:
     producer = serve(handlers.behave, processes=1, write_timeout=30)
     payload = b"echo:" + b"p" * (1 << 20)

@@ -173,6 +173,10 @@ def test_error_body_is_the_type_name_alone_when_the_message_is_empty(two_workers
     assert client.reply() == (0, HANDLER_ERROR, b"ValueError")
     client.send(1, b"raise:a: b")
     assert client.reply()[2].split(b": ", 1) == [b"ValueError", b"a: b"]
+    client.send(2, b"raise:" + "\u00e9".encode() * 40_000)  # 80,000 bytes of message
+    rid, status, body = client.reply()
+    assert (rid, status) == (2, HANDLER_ERROR) and len(body) == 65536  # cut, maybe mid-character
+    assert body.decode("utf-8", "replace").startswith("ValueError: \u00e9")
     client.close()
 
 
