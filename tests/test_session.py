@@ -237,3 +237,10 @@ def test_session_fuzz_reaches_v2() -> None:
     assert inputs >= 100
     assert v2 >= inputs * 2 // 5, f"only {v2} of {inputs} inputs got past the preamble"
     assert seen["requests"] - before["requests"] >= inputs // 4
+
+
+def test_reserved_lengths_are_refused_as_too_large() -> None:
+    session = SessionV2(max_message_size=2**31 - 1)
+    (event,) = session.receive_data(MAGIC_V2 + struct.pack("!II", 4, 2**31))
+    assert isinstance(event, Refused) and event.status is Status.TOO_LARGE
+    assert session.in_frame  # its declared payload is being skipped
