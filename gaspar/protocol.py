@@ -19,6 +19,10 @@ every client and a fuzzer share it.  Rules it keeps:
 3. A v1 reader is single-use: one request per connection.
 4. An oversized v2 request is skipped without being buffered, and answered
    with TOO_LARGE; the connection stays usable.
+5. The v2 rules of a connection (preamble, ids in flight, pipeline cap,
+   shutting down, how replies are framed and bounded) live in one sans-I/O
+   object, :class:`SessionV2`, which the server drives and tests and the
+   fuzzer drive without sockets.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ __all__ = [
     "ReplyReaderV2",
     "Request",
     "RequestReader",
-    "ServerReader",
+    "REPLY_V2",
+    "REQUEST_V2",
+    "SPLIT_WRITE",
+    "SessionV2",
     "Status",
     "pack",
     "pack_reply_v2",
@@ -305,95 +312,156 @@ def pack_reply_v2(request_id: int, status: Status, body: bytes | bytearray | mem
     return REPLY_V2.pack(request_id, status, len(body)) + body
 
 
-class ServerReader:
-    """The server's parser for a connection of either version.
+# A v2 session stops parsing frames while it holds this many bytes of replies
+# not yet handed to the transport: refusals cost the server more than the
+# client's frames (a 9-byte header and a message for 8 bytes in), so what a
+# client that does not read can make us hold is bounded by this plus one read.
+MAX_UNSENT = 256 * 1024
 
-    The first four bytes decide: :data:`MAGIC_V2` makes it a v2 connection,
-    anything else is a v1 length.  :meth:`feed` returns the events that the
-    new data completes: :class:`Request` and, in v2, :class:`Refused`.
+# The bodies of the refusals a session makes itself, one place for each.
+SHUTTING_DOWN_MESSAGE = b"server stopping"
+PIPELINE_FULL_MESSAGE = b"too many requests in flight"
+
+
+class SessionV2:
+    """The server's side of one v2 connection, without I/O (in the spirit of h11).
+
+    Bytes in, events out: :meth:`receive_data` takes what the client sent,
+    starting with its preamble, and returns the :class:`Request` events to run
+    and the :class:`Refused` ones it has answered itself.  A reply in, bytes
+    out: :meth:`reply` frames the outcome of a request, and
+    :meth:`data_to_send` hands over every frame queued since the last call (our
+    preamble first), as a list of buffers for one ``writelines``.
+
+    Rules it keeps (docs/protocol.md states them for clients):
+
+    1. The preamble must be :data:`MAGIC_V2`; anything else is a
+       :class:`ProtocolError`.
+    2. A request frame whose id is in flight (sent, not yet answered) is a
+       connection error: :class:`ProtocolError`, and the caller resets the
+       connection, as HTTP/2 does with a reused stream id.  Answering it
+       would leave the client unable to tell which request a reply is for.
+    3. A frame above ``max_message_size`` is refused (TOO_LARGE) from its
+       header and its payload is skipped without being buffered.
+    4. After :meth:`stop` every frame is refused (SHUTTING_DOWN); past
+       ``max_pipeline`` requests in flight, OVERLOADED.  Refusals are
+       answered at once and do not count toward the pipeline.
+    5. Parsing pauses while :attr:`backlogged` (MAX_UNSENT bytes of replies
+       not yet sent): the rest of what was fed waits, unparsed, until
+       :meth:`data_to_send` empties the queue and ``receive_data(b"")`` is
+       called again.  The caller stops reading meanwhile.
+    6. Reply bodies of SPLIT_WRITE bytes or more are queued as their own
+       buffer, after their header, never copied.
+
+    New kinds of frame (cancel, deadlines) are parsed in :meth:`_parse`.
     """
 
-    __slots__ = ("_buf", "_skip", "_v1", "max_message_size", "version")
+    __slots__ = (
+        "_buf",
+        "_out",
+        "_skip",
+        "eof",
+        "greeted",
+        "held",
+        "in_flight",
+        "max_message_size",
+        "max_pipeline",
+        "stopped",
+        "unsent",
+    )
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_pipeline: int = 128
+    ) -> None:
         self.max_message_size = max_message_size
-        self.version = 0  # unknown until four bytes have arrived
-        self._v1: RequestReader | None = None
+        self.max_pipeline = max_pipeline
+        self.in_flight: set[int] = set()  # ids of the requests handed out, not yet answered
+        self.greeted = False  # the client's preamble has arrived (ours is queued)
+        self.stopped = False  # stop(): refuse every new frame
+        self.eof = False  # the client has half-closed: no more frames will come
+        self.held = False  # complete frames wait unparsed behind a backlog (rule 5)
+        self.unsent = 0  # bytes queued in _out
+        self._out: list[BytesLike] = []
         self._buf = bytearray()
         self._skip = 0
 
     @property
     def in_frame(self) -> bool:
-        """True while part of a request (or of the preamble) is buffered or being skipped."""
-        if self.version == 1:
-            return self._v1 is not None and self._v1.started and not self._v1.done
+        """True while part of a frame (or of the preamble) is buffered or being skipped."""
         return bool(self._buf) or self._skip > 0
 
-    def feed(self, data: bytes) -> list[Request | Refused]:
-        """Consume `data`; raise ProtocolError (v1 only) when the stream is unusable."""
-        if self.version == 1:
-            if self._v1 is None:  # the request came whole in its first read
-                if data:
-                    raise ProtocolError("data after a complete v1 request")
-                return []
-            payload = self._v1.feed(data)
-            return [] if payload is None else [Request(0, payload)]
-        if self.version == 0:
-            if not self._buf and len(data) >= HEADER_SIZE and data[:HEADER_SIZE] != MAGIC_V2:
-                (length,) = HEADER.unpack_from(data)
-                if length == len(data) - HEADER_SIZE and length <= self.max_message_size:
-                    self.version = 1  # the usual case, with no reader to build
-                    return [Request(0, data[HEADER_SIZE:])]
-                return self._become_v1(data)
-            self._buf += data
-            if len(self._buf) < HEADER_SIZE:
-                return []
-            if self._buf[:HEADER_SIZE] != MAGIC_V2:
-                data, self._buf = bytes(self._buf), bytearray()
-                return self._become_v1(data)
-            self.version = 2
-            del self._buf[:HEADER_SIZE]
-            data = b""
-        return self._feed_v2(data)
+    @property
+    def backlogged(self) -> bool:
+        """True while parsing waits for queued replies to be sent (rule 5)."""
+        return self.unsent >= MAX_UNSENT
 
-    def buffer(self) -> memoryview | None:
-        """Where the rest of a large v1 payload can be read to directly (see RequestReader)."""
-        return None if self._v1 is None else self._v1.buffer()
+    @property
+    def finished(self) -> bool:
+        """True once nothing more will be answered: stopped or at EOF, and nothing in flight.
 
-    def advance(self, nbytes: int) -> list[Request | Refused]:
-        """Count `nbytes` written into :meth:`buffer`; return the request once complete."""
-        if self._v1 is None:
-            raise ValueError("advance() without a buffer")
-        payload = self._v1.advance(nbytes)
-        return [] if payload is None else [Request(0, payload)]
+        At EOF, frames still waiting behind a backlog are parsed first; a frame
+        left incomplete by the EOF is never answered.
+        """
+        return not self.in_flight and (self.stopped or (self.eof and not self.held))
 
-    def _become_v1(self, data: bytes) -> list[Request | Refused]:
-        self.version = 1
-        self._v1 = RequestReader(self.max_message_size)
-        payload = self._v1.feed(data)
-        return [] if payload is None else [Request(0, payload)]
-
-    def _feed_v2(self, data: bytes) -> list[Request | Refused]:
+    def receive_data(self, data: BytesLike) -> list[Request | Refused]:
+        """Consume `data`; return the requests to run and the refusals already answered."""
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
         buf = self._buf
         buf += data
+        pos = 0
+        if not self.greeted:
+            if len(buf) < HEADER_SIZE:
+                if MAGIC_V2[: len(buf)] != buf:
+                    raise ProtocolError("malformed v2 preamble")
+                return []
+            if buf[:HEADER_SIZE] != MAGIC_V2:
+                raise ProtocolError("malformed v2 preamble")
+            self.greeted = True
+            self._queue(MAGIC_V2)
+            pos = HEADER_SIZE
         events: list[Request | Refused] = []
-        pos, end = 0, len(buf)
+        pos = self._parse(buf, pos, events)
+        del buf[:pos]
+        return events
+
+    def receive_eof(self) -> None:
+        """The client half-closed: answer what it sent, then the connection can close."""
+        self.eof = True
+
+    def stop(self) -> None:
+        """The server is stopping: refuse every frame from now on (SHUTTING_DOWN)."""
+        self.stopped = True
+
+    def reply(self, request_id: int, status: Status, body: BytesLike) -> None:
+        """Request `request_id` ended with `status`: queue its reply frame."""
+        self.in_flight.discard(request_id)
+        self._queue_reply(request_id, status, body)
+
+    def data_to_send(self) -> list[BytesLike]:
+        """Every frame queued since the last call, to write in order."""
+        out, self._out = self._out, []
+        self.unsent = 0
+        return out
+
+    def _parse(self, buf: bytearray, pos: int, events: list[Request | Refused]) -> int:
+        end = len(buf)
+        in_flight, limit = self.in_flight, self.max_message_size
         # Slices of a view copy once; slices of the bytearray would copy twice.
         with memoryview(buf) as view:
-            while end - pos >= REQUEST_V2.size:
+            while end - pos >= REQUEST_V2.size and self.unsent < MAX_UNSENT:
                 request_id, length = REQUEST_V2.unpack_from(buf, pos)
-                if length > self.max_message_size:
-                    events.append(
-                        Refused(
-                            request_id,
-                            Status.TOO_LARGE,
-                            f"request of {length} bytes exceeds the limit of "
-                            f"{self.max_message_size} bytes",
-                        )
+                if request_id in in_flight:
+                    raise ProtocolError(f"request id {request_id} reused while in flight")
+                if length > limit:
+                    self._refuse(
+                        events,
+                        request_id,
+                        Status.TOO_LARGE,
+                        f"request of {length} bytes exceeds the limit of {limit} bytes",
                     )
                     pos += REQUEST_V2.size
                     dropped = min(length, end - pos)
@@ -403,10 +471,39 @@ class ServerReader:
                 start = pos + REQUEST_V2.size
                 if end - start < length:
                     break
-                events.append(Request(request_id, bytes(view[start : start + length])))
                 pos = start + length
-        del buf[:pos]
-        return events
+                if self.stopped:
+                    self._refuse(
+                        events, request_id, Status.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE.decode()
+                    )
+                elif len(in_flight) >= self.max_pipeline:
+                    self._refuse(
+                        events, request_id, Status.OVERLOADED, PIPELINE_FULL_MESSAGE.decode()
+                    )
+                else:
+                    in_flight.add(request_id)
+                    events.append(Request(request_id, bytes(view[start:pos])))
+        # Stopped by the backlog, not for want of bytes: the rest waits.
+        self.held = self.unsent >= MAX_UNSENT and end - pos >= REQUEST_V2.size
+        return pos
+
+    def _refuse(
+        self, events: list[Request | Refused], request_id: int, status: Status, message: str
+    ) -> None:
+        events.append(Refused(request_id, status, message))
+        self._queue_reply(request_id, status, message.encode())
+
+    def _queue_reply(self, request_id: int, status: Status, body: BytesLike) -> None:
+        if len(body) >= SPLIT_WRITE:
+            self._out.append(REPLY_V2.pack(request_id, status, len(body)))
+            self._out.append(body)
+        else:
+            self._out.append(pack_reply_v2(request_id, status, body))
+        self.unsent += REPLY_V2.size + len(body)
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self.unsent += len(data)
 
 
 class ReplyReaderV2:

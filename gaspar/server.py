@@ -1,42 +1,69 @@
 """The asyncio TCP front end: reads requests, writes replies, for v1 and v2.
 
-Each connection is parsed by :class:`gaspar.protocol.ServerReader`, which
-decides from the first four bytes whether it speaks v1 (one request, the reply,
-close; a reset on failure) or v2 (a preamble, then many framed requests with
-ids, answered in completion order with a status each).  No handler code runs
-here: a complete request goes to the dispatcher, and the connection writes
-whatever outcome comes back.
+Every connection starts as a :class:`V1Connection`, the common case, which
+looks at the first four bytes once: :data:`gaspar.protocol.MAGIC_V2` hands the
+transport over to a :class:`V2Connection` (``transport.set_protocol``), so v1
+pays nothing for v2 and each class keeps one protocol's rules.  v1 is one
+request, its reply, a close (a reset on failure); v2 is driven by the sans-I/O
+:class:`gaspar.protocol.SessionV2`, which holds its rules.  No handler code
+runs here: a complete request goes to the dispatcher, and the connection
+writes whatever outcome comes back.
+
+Bounds that the server keeps, whatever the client does:
+
+- every write ends within ``write_timeout`` of the client's last progress in
+  reading, or in an abort (a reset), which works on a closing transport too;
+- a socket closes abortively (SO_LINGER 0, inherited from the listening
+  socket) until the server closes it with every reply in the kernel, so a
+  producer that dies mid-request resets its clients instead of sending a FIN
+  that a v1 client would read as an empty reply (and a v2 client as a clean
+  close);
+- a v2 connection stops reading while its replies wait to be written
+  (transport back-pressure, and the session's own backlog bound);
+- at ``max_connections``, idle v2 connections are closed oldest first to
+  admit new ones; busy ones keep their slots;
+- client errors and refusals are logged throttled, with the client's address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import resource
 import socket
+import struct
 import time
 from functools import partial
 from typing import cast
 
+from .address import format_address
 from .dispatcher import Dispatcher, Job
-from .netutil import reset
+from .netutil import LINGER_RESET, reset, set_linger
 from .protocol import (
     MAGIC_V2,
-    REPLY_V2,
-    SPLIT_WRITE,
     LimitExceeded,
     Limits,
     ProtocolError,
     Refused,
     Request,
-    ServerReader,
+    RequestReader,
+    SessionV2,
     Status,
-    pack_reply_v2,
 )
 
 log = logging.getLogger("gaspar.server")
 
+# v1 states; a v2 connection is OPEN or CLOSING, and CLOSED once lost.
 READING, WAITING, WRITING, CLOSED = range(4)
+OPEN, CLOSING = READING, WRITING
+# The outcome counters' keys, computed once rather than per reply.
+KEYS = {status: status.name.lower() for status in Status}
+QUEUE_FULL_MESSAGE = b"server queue full"
+# SO_LINGER off: a close is a FIN after the data already written.
+_NO_LINGER = struct.pack("ii", 0, 0)
 
 
 class Throttled:
@@ -60,6 +87,24 @@ class Throttled:
             self.next_at = now + self.interval
 
 
+class Peer:
+    """A connection's client address, formatted only if a log line prints it."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: asyncio.BaseTransport | None) -> None:
+        self.transport = transport
+
+    def __str__(self) -> str:
+        try:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+        except OSError:
+            peer = None
+        if not peer:
+            return "an unknown client"
+        return format_address(peer[0], peer[1])
+
+
 class Server:
     """Accepts connections and ties each to the dispatcher."""
 
@@ -67,21 +112,31 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
         self.limits = limits
-        self.connections: set[Connection] = set()
+        self.connections: set[V1Connection | V2Connection] = set()
+        # v2 connections with nothing in flight, longest idle first (an ordered set).
+        self.idle: dict[V2Connection, None] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._listen_fd = -1
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every = 1.0
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
         # How requests ended, by lower-case status name: every request counts once.
-        self.requests: dict[str, int] = {status.name.lower(): 0 for status in Status}
+        self.requests: dict[str, int] = {key: 0 for key in KEYS.values()}
         # v2 connections with replies waiting to be written, all in one go.
-        self._unflushed: list[Connection] = []
+        self._unflushed: list[V2Connection] = []
         dispatcher.on_replies = self.flush
         self.queue_full = Throttled(logging.WARNING, "queue full (max_queue=%d): refusing requests")
         self.too_many = Throttled(
             logging.WARNING, "too many connections (max_connections=%d): resetting new ones"
         )
+        self.out_of_fds = Throttled(
+            logging.ERROR,
+            "cannot accept connections: out of file descriptors (ulimit -n %d, "
+            "%d connections open, max_connections=%d)",
+        )
+        # Protocol errors, refusals and slow clients: one line a second at most.
+        self.client_error = Throttled(logging.INFO, "client %s: %s")
 
     async def listen(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
         """Bind and start accepting; return the bound (host, port)."""
@@ -91,25 +146,62 @@ class Server:
         )
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         self._server = await loop.create_server(
-            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True
+            lambda: V1Connection(self), host, port, backlog=backlog, reuse_address=True
         )
-        if hasattr(socket, "TCP_DEFER_ACCEPT"):
-            # Wake us for a connection only once its first bytes are in: the
-            # accept and the read of a v1 request then cost one loop wake-up.
-            for sock in self._server.sockets:
+        for sock in self._server.sockets:
+            # Accepted sockets inherit SO_LINGER 0: a v1 socket resets unless
+            # its whole reply was written (see V1Connection), even if we die.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                # Wake us for a connection only once its first bytes are in: the
+                # accept and the read of a v1 request then cost one loop wake-up.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        self._listen_fd = self._server.sockets[0].fileno()
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
+
+    def admit(self, conn: V1Connection) -> bool:
+        """Take `conn` if there is room, closing the longest-idle v2 connection if need be."""
+        limit = self.limits.max_connections
+        if self.draining:
+            return False
+        if len(self.connections) >= limit:
+            if not self.idle:
+                self.too_many(limit)
+                return False
+            oldest = next(iter(self.idle))
+            log.debug("max_connections reached: closing the longest-idle v2 connection")
+            oldest.close_idle()
+        self.connections.add(conn)
+        return True
 
     def _sweep(self) -> None:
         """Drop connections past their deadline; runs every quarter of the shortest timeout."""
         now = self.loop.time()
         for conn in [c for c in self.connections if 0.0 < c.deadline <= now]:
-            conn._timed_out()
+            conn.timed_out()
+        self._check_fds()
         self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
 
-    def want_flush(self, conn: Connection) -> None:
+    def _check_fds(self) -> None:
+        """Log (throttled) when the process cannot take one more file descriptor.
+
+        The event loops do not tell us when accept() fails for want of one
+        (uvloop says nothing, asyncio pauses accepting): a dup() shows it.
+        """
+        if self._listen_fd < 0 or self.draining:
+            return
+        try:
+            os.close(os.dup(self._listen_fd))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                if len(self.connections) < self.limits.max_connections:
+                    self.out_of_fds(limit, len(self.connections), self.limits.max_connections)
+
+    def want_flush(self, conn: V2Connection) -> None:
         """`conn` has replies to write: after the dispatcher's pass, or on the loop's next."""
         if not self._unflushed and not self.dispatcher.reading:
             self.loop.call_soon(self.flush)
@@ -117,7 +209,7 @@ class Server:
 
     def flush(self) -> None:
         """Write the replies that v2 connections have gathered."""
-        if self._unflushed:
+        while self._unflushed:
             unflushed, self._unflushed = self._unflushed, []
             for conn in unflushed:
                 try:
@@ -152,266 +244,26 @@ class Server:
             return False
 
     def abort_all(self) -> None:
-        """Reset every connection still open."""
+        """Reset every connection still open, closing or not."""
         for conn in list(self.connections):
             conn.fail()
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: V1Connection | V2Connection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._all_closed is not None and not self._all_closed.done():
             self._all_closed.set_result(None)
 
 
-class Connection(asyncio.Protocol):
-    """One client connection, v1 or v2 as its first bytes decide."""
+class _Deadline:
+    """What both connection kinds share: a deadline that the server's sweep checks."""
 
-    __slots__ = (
-        "closing",
-        "greeted",
-        "job",
-        "jobs",
-        "outbox",
-        "reader",
-        "server",
-        "state",
-        "deadline",
-        "timer_kind",
-        "transport",
-    )
+    # deadline: loop time at which timer_kind expires; 0: none
+    __slots__ = ("deadline", "server", "timer_kind", "transport")
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.state = READING
-        self.reader = ServerReader(server.limits.max_message_size)
-        self.transport: asyncio.Transport | None = None
-        self.job: Job | None = None  # v1: the one request
-        self.jobs: dict[int, Job] = {}  # v2: requests in flight, by id
-        self.closing = False  # v2: answer what is in flight, then close
-        self.greeted = False  # v2: our preamble is sent
-        self.outbox: list[bytes | memoryview] = []  # v2: replies for the next write
-        self.deadline = 0.0  # loop time at which timer_kind expires; 0: none
-        self.timer_kind = ""
-
-    # -- asyncio callbacks -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport = transport
-        server = self.server
-        if server.draining or len(server.connections) >= server.limits.max_connections:
-            if not server.draining:
-                server.too_many(server.limits.max_connections)
-            self.state = CLOSED
-            reset(transport)
-            return
-        server.connections.add(self)
-        self._set_timer("read", server.limits.read_timeout)
-
-    def data_received(self, data: bytes) -> None:
-        if self.state != READING:
-            if self.state == WAITING:
-                log.info("bytes after a complete v1 request; dropping the connection")
-                self.fail()
-            return
-        reader = self.reader
-        try:
-            events = reader.feed(data)
-        except LimitExceeded as exc:
-            log.info("refused: %s", exc)
-            if reader.version != 2:
-                self.server.requests["too_large"] += 1
-            self.fail()
-            return
-        except ProtocolError as exc:
-            log.info("protocol error: %s", exc)
-            self.fail()
-            return
-        if reader.version == 2:
-            self._v2_received(events)
-        elif events:
-            self._v1_received(events)
-        elif reader.buffer() is not None:
-            # A large v1 payload now has a buffer of its size: read the rest into it.
-            assert self.transport is not None
-            self.transport.set_protocol(BodyReader(self))
-
-    def body_received(self, nbytes: int) -> None:
-        """`nbytes` more of a large v1 payload were read into the reader's buffer."""
-        events = self.reader.advance(nbytes)
-        if events:
-            assert self.transport is not None
-            self.transport.set_protocol(self)  # later bytes or an EOF are ours to judge
-            self._v1_received(events)
-
-    def eof_received(self) -> bool:
-        if self.reader.version == 2:
-            self.closing = True
-            self._v2_maybe_close()
-            return True
-        if self.state == WAITING:
-            return True  # a half-close after a complete v1 request: the reply can still go
-        if self.state == READING and self.reader.in_frame:
-            log.info("client closed mid-request")
-        self.fail()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._cancel_jobs()
-        self.state = CLOSED
-        self.server.forget(self)
-
-    def pause_writing(self) -> None:
-        # The client is not taking its replies: stop taking its requests.
-        if self.transport is not None and self.state != CLOSED:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport is not None and self.state == READING and not self.closing:
-            self.transport.resume_reading()
-
-    # -- control -----------------------------------------------------------------
-
-    def fail(self) -> None:
-        """End this connection with a reset."""
-        if self.state == CLOSED:
-            return
-        self.state = CLOSED
-        self._cancel_timer()
-        self._cancel_jobs()
-        assert self.transport is not None
-        reset(self.transport)
-
-    def drain(self) -> None:
-        """The server is stopping: finish what this connection has started, take nothing new."""
-        if self.state == CLOSED:
-            return
-        if self.reader.version == 2:
-            self.closing = True
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self._v2_maybe_close()
-        elif self.state == READING:
-            self.fail()
-
-    # -- v1 ----------------------------------------------------------------------
-
-    def _v1_received(self, events: list[Request | Refused]) -> None:
-        (request,) = events
-        assert isinstance(request, Request)
-        self._v1_request(request.payload)
-
-    def _v1_request(self, payload: bytes | bytearray) -> None:
-        self._cancel_timer()
-        self.state = WAITING
-        self.job = self.server.dispatcher.submit(payload, self._v1_outcome)
-        if self.job is None:
-            self.server.queue_full(self.server.dispatcher.max_queue)
-            self.server.requests["overloaded"] += 1
-            self.fail()
-
-    def _v1_outcome(self, status: Status, data: bytes | memoryview) -> None:
-        self.job = None
-        self.server.requests[status.name.lower()] += 1
-        if self.state != WAITING:
-            return
-        if status is not Status.OK:
-            self.fail()
-            return
-        transport = self.transport
-        assert transport is not None
-        self.state = WRITING
-        transport.write(data)
-        transport.close()
-        if transport.get_write_buffer_size():
-            self._set_timer("write", self.server.limits.write_timeout)
-
-    # -- v2 ----------------------------------------------------------------------
-
-    def _v2_received(self, events: list[Request | Refused]) -> None:
-        assert self.transport is not None
-        if not self.greeted:
-            self.greeted = True
-            self.transport.write(MAGIC_V2)
-            self._cancel_timer()  # the v1 whole-request deadline no longer applies
-        server, dispatcher = self.server, self.server.dispatcher
-        for event in events:
-            if self.state == CLOSED:
-                return
-            rid = event.id
-            if isinstance(event, Refused):
-                self._v2_reply(rid, event.status, event.message.encode())
-            elif rid in self.jobs:
-                self._v2_reply(rid, Status.BAD_REQUEST, b"request id already in flight")
-            elif self.closing or server.draining:
-                self._v2_reply(rid, Status.SHUTTING_DOWN, b"server stopping")
-            elif len(self.jobs) >= server.limits.max_pipeline:
-                self._v2_reply(rid, Status.OVERLOADED, b"too many requests in flight")
-            else:
-                job = dispatcher.submit(event.payload, partial(self._v2_outcome, rid))
-                if job is None:
-                    server.queue_full(dispatcher.max_queue)
-                    self._v2_reply(rid, Status.OVERLOADED, b"server queue full")
-                else:
-                    self.jobs[rid] = job
-        self._v2_timers(progress=bool(events))
-
-    def _v2_outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
-        self.jobs.pop(rid, None)
-        if self.state == CLOSED:
-            return
-        self._v2_reply(rid, status, data)
-        if self.closing:
-            self._v2_maybe_close()
-        else:
-            self._v2_timers()
-
-    def _v2_reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
-        # Replies that end together (a worker's batch, or refusals) leave in
-        # one write: a system call per reply costs more than the wait.
-        self.server.requests[status.name.lower()] += 1
-        outbox = self.outbox
-        if not outbox:
-            self.server.want_flush(self)
-        if len(body) >= SPLIT_WRITE:
-            outbox.append(REPLY_V2.pack(rid, status, len(body)))
-            outbox.append(body)
-        else:
-            outbox.append(pack_reply_v2(rid, status, body))
-
-    def flush(self) -> None:
-        """Write the v2 replies gathered since the last write."""
-        outbox, self.outbox = self.outbox, []
-        transport = self.transport
-        if transport is None or self.state == CLOSED:
-            return
-        # A transport already closing (a reset not yet reported) takes no more.
-        if outbox and not transport.is_closing():
-            transport.writelines(outbox)
-
-    def _v2_maybe_close(self) -> None:
-        if self.jobs or self.state == CLOSED:
-            return
-        assert self.transport is not None
-        self.flush()
-        self.state = WRITING
-        self._cancel_timer()
-        self.transport.close()
-        if self.transport.get_write_buffer_size():
-            self._set_timer("write", self.server.limits.write_timeout)
-
-    def _v2_timers(self, progress: bool = False) -> None:
-        """A frame must arrive whole within read_timeout; an idle connection times out."""
-        limits = self.server.limits
-        if self.reader.in_frame:
-            if self.timer_kind != "frame" or progress:
-                self._set_timer("frame", limits.read_timeout)
-        elif self.jobs:
-            self._cancel_timer()
-        elif self.timer_kind != "idle":
-            self._set_timer("idle", limits.idle_timeout)
-
-    # -- helpers -----------------------------------------------------------------
+    server: Server
+    transport: asyncio.Transport | None
+    deadline: float
+    timer_kind: str
 
     def _set_timer(self, kind: str, delay: float) -> None:
         # A deadline, checked by the server's sweep: cheaper than a timer each.
@@ -422,31 +274,443 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer_kind = ""
 
-    def _timed_out(self) -> None:
+    def client_error(self, message: object) -> None:
+        """Log a client's fault, throttled, with its address."""
+        self.server.client_error(Peer(self.transport), message)
+
+
+class V1Connection(_Deadline, asyncio.Protocol):
+    """One v1 connection: one request, its reply, a close; or the first bytes of a v2 one."""
+
+    __slots__ = ("head", "job", "reader", "state")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.state = READING
+        self.reader = RequestReader(server.limits.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self.job: Job | None = None
+        self.head = b""  # first bytes, while fewer than four have come
+        self.deadline = 0.0
+        self.timer_kind = ""
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        if not self.server.admit(self):
+            self.state = CLOSED
+            reset(transport)
+            return
+        self._set_timer("read", self.server.limits.read_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != READING:
+            if self.state == WAITING:
+                self.client_error("bytes after a complete v1 request; dropping the connection")
+                self.fail()
+            return
+        reader = self.reader
+        if not reader.started:  # the first bytes: v1 or v2?
+            if self.head or len(data) < 4:
+                data = self.head + data
+                if len(data) < 4:
+                    self.head = data
+                    return
+                self.head = b""
+            if data[:4] == MAGIC_V2:
+                self._become_v2(data)
+                return
+        try:
+            payload = reader.feed(data)
+        except LimitExceeded as exc:
+            self.client_error(f"refused: {exc}")
+            self.server.requests["too_large"] += 1
+            self.fail()
+            return
+        except ProtocolError as exc:
+            self.client_error(f"protocol error: {exc}")
+            self.fail()
+            return
+        if payload is not None:
+            self._request(payload)
+        elif reader.buffer() is not None:
+            # A large payload now has a buffer of its size: read the rest into it.
+            assert self.transport is not None
+            self.transport.set_protocol(BodyReader(self))
+
+    def body_received(self, nbytes: int) -> None:
+        """`nbytes` more of a large payload were read into the reader's buffer."""
+        payload = self.reader.advance(nbytes)
+        if payload is not None:
+            assert self.transport is not None
+            self.transport.set_protocol(self)  # later bytes or an EOF are ours to judge
+            self._request(payload)
+
+    def eof_received(self) -> bool:
+        if self.state in (WAITING, WRITING):
+            return True  # a half-close after a complete request: the reply can still go
+        if self.state == READING and (self.reader.started or self.head):
+            self.client_error("closed mid-request")
+        self.fail()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._cancel_job()
+        self.state = CLOSED
+        self.server.forget(self)
+
+    def resume_writing(self) -> None:
+        # Only asked for once the reply is written (see _outcome): it is all in
+        # the kernel now, so a close may send a FIN after it.
+        transport = self.transport
+        if (
+            self.state == WRITING
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        ):
+            self._close_after_reply(transport)
+
+    # -- control -----------------------------------------------------------------
+
+    def fail(self) -> None:
+        """End this connection with a reset, whatever it was doing."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._cancel_timer()
+        self._cancel_job()
+        assert self.transport is not None
+        reset(self.transport)
+
+    def drain(self) -> None:
+        """The server is stopping: a request still arriving is dropped; one received finishes."""
+        if self.state == READING:
+            self.fail()
+
+    def timed_out(self) -> None:
+        kind = self.timer_kind
+        self._cancel_timer()
+        self.client_error(f"too slow ({kind} timeout); dropping the connection")
+        self.fail()
+
+    # -- the request -------------------------------------------------------------
+
+    def _request(self, payload: bytes | bytearray) -> None:
+        self._cancel_timer()
+        self.state = WAITING
+        server = self.server
+        self.job = server.dispatcher.submit(payload, self._outcome)
+        if self.job is None:
+            server.queue_full(server.dispatcher.max_queue)
+            server.requests["overloaded"] += 1
+            self.fail()
+
+    def _outcome(self, status: Status, data: bytes | memoryview) -> None:
+        self.job = None
+        self.server.requests[KEYS[status]] += 1
+        if self.state != WAITING:
+            return
+        if status is not Status.OK:
+            self.fail()
+            return
+        transport = self.transport
+        assert transport is not None
+        self.state = WRITING
+        transport.write(data)
+        if not transport.get_write_buffer_size():
+            self._close_after_reply(transport)
+            return
+        # The rest of the reply waits in the transport: hear when it has all
+        # gone to the kernel (resume_writing at an empty buffer), and give the
+        # client write_timeout to take it.  Nothing more is read meanwhile.
+        transport.pause_reading()
+        transport.set_write_buffer_limits(high=0)
+        self._set_timer("write", self.server.limits.write_timeout)
+
+    def _close_after_reply(self, transport: asyncio.Transport) -> None:
+        # The whole reply is in the kernel: from here a close is a FIN after it.
+        set_linger(transport, _NO_LINGER)
+        self._cancel_timer()
+        self.state = CLOSED
+        transport.close()
+
+    def _become_v2(self, data: bytes) -> None:
+        """The preamble: a V2Connection takes this transport over, once."""
+        transport = self.transport
+        assert transport is not None
+        self._cancel_timer()
+        self.state = CLOSED  # this object is done; the new one is in its place
+        server = self.server
+        server.connections.discard(self)
+        conn = V2Connection(server, transport)
+        server.connections.add(conn)
+        transport.set_protocol(conn)
+        conn.data_received(data)
+
+    def _cancel_job(self) -> None:
+        if self.job is not None:
+            self.server.dispatcher.cancel(self.job)
+            self.job = None
+
+
+class V2Connection(_Deadline, asyncio.Protocol):
+    """One v2 connection: the asyncio side of a :class:`gaspar.protocol.SessionV2`."""
+
+    __slots__ = ("flushing", "jobs", "paused", "session", "state", "write_paused")
+
+    def __init__(self, server: Server, transport: asyncio.Transport) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = transport
+        self.session = SessionV2(server.limits.max_message_size, server.limits.max_pipeline)
+        self.jobs: dict[int, Job] = {}  # requests in flight, by id
+        self.state = OPEN
+        self.paused = False  # we stopped reading (back-pressure, backlog, or stopping)
+        self.flushing = False  # the server will call flush()
+        self.write_paused = False  # the transport asked us to stop writing
+        self.deadline = 0.0
+        self.timer_kind = ""
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # made by V1Connection, which hands the transport over
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != OPEN or self.session.stopped:
+            return
+        try:
+            events = self.session.receive_data(data)
+        except ProtocolError as exc:
+            self.client_error(f"protocol error: {exc}; resetting the connection")
+            self.fail()
+            return
+        self._handle(events)
+        self._after_read()
+
+    def eof_received(self) -> bool:
+        self.session.receive_eof()
+        self._maybe_close()
+        return True  # keep the transport: replies still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._cancel_jobs()
+        self.state = CLOSED
+        self.server.idle.pop(self, None)
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        # The client is not taking its replies: stop taking its requests, and
+        # give it write_timeout to make progress.
+        self.write_paused = True
+        if self.state == OPEN:
+            self._pause()
+            self._timers()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        transport = self.transport
+        if self.state == OPEN:
+            self._timers()
+            self._maybe_resume()
+        elif self.state == CLOSING and transport and not transport.get_write_buffer_size():
+            # Every reply is in the kernel: the close may be a FIN after them.
+            set_linger(transport, _NO_LINGER)
+
+    # -- control -----------------------------------------------------------------
+
+    def fail(self) -> None:
+        """End this connection with a reset, whatever it was doing (closing included)."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._cancel_timer()
+        self._cancel_jobs()
+        self.server.idle.pop(self, None)
+        assert self.transport is not None
+        reset(self.transport)
+
+    def drain(self) -> None:
+        """The server is stopping: answer what is in flight, refuse what is parsed, then close."""
+        if self.state != OPEN:
+            return
+        self.session.stop()
+        self._pause()
+        self._maybe_close()
+
+    def close_idle(self) -> None:
+        """Close with a FIN: idle too long, or its slot is wanted (nothing is in flight)."""
+        if self.state != OPEN:
+            return
+        self.session.stop()
+        self._close()
+
+    def timed_out(self) -> None:
         kind = self.timer_kind
         self._cancel_timer()
         if kind == "idle":
             log.debug("idle v2 connection closed")
-            assert self.transport is not None
-            self.state = CLOSED
-            self.transport.close()
+            self.close_idle()
             return
-        log.info("client too slow (%s timeout); dropping the connection", kind)
+        self.client_error(f"too slow ({kind} timeout); dropping the connection")
         self.fail()
 
+    def flush(self) -> None:
+        """Write the replies gathered since the last write, then read on if we may."""
+        self.flushing = False
+        out = self.session.data_to_send()
+        transport = self.transport
+        if transport is None or self.state == CLOSED:
+            return
+        # A transport already closing (a reset not yet reported) takes no more.
+        if out and not transport.is_closing():
+            transport.writelines(out)
+        if self.state == OPEN:
+            self._maybe_resume()
+
+    # -- requests and replies ----------------------------------------------------
+
+    def _handle(self, events: list[Request | Refused]) -> None:
+        server = self.server
+        dispatcher, requests, jobs = server.dispatcher, server.requests, self.jobs
+        for event in events:
+            if isinstance(event, Refused):
+                requests[KEYS[event.status]] += 1
+                self.client_error(f"refused request {event.id}: {event.message}")
+                continue
+            rid = event.id
+            job = dispatcher.submit(event.payload, partial(self._outcome, rid))
+            if job is None:
+                server.queue_full(dispatcher.max_queue)
+                self._reply(rid, Status.OVERLOADED, QUEUE_FULL_MESSAGE)
+            else:
+                jobs[rid] = job
+        if self.session.unsent:
+            self._want_flush()  # our preamble, refusals
+
+    def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
+        self.jobs.pop(rid, None)
+        if self.state != OPEN:
+            return
+        self._reply(rid, status, data)
+        if self.session.finished:
+            self._maybe_close()
+        elif not self.jobs:
+            self._timers()
+
+    def _reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
+        # Replies that end together (a worker's batch, or refusals) leave in
+        # one write: a system call per reply costs more than the wait.
+        self.server.requests[KEYS[status]] += 1
+        self.session.reply(rid, status, body)
+        self._want_flush()
+
+    def _want_flush(self) -> None:
+        if not self.flushing:
+            self.flushing = True
+            self.server.want_flush(self)
+
+    # -- reading, pausing, closing -----------------------------------------------
+
+    def _after_read(self) -> None:
+        session = self.session
+        if session.backlogged:
+            self._pause()  # parsing waits for the replies to go out: so does reading
+        if session.finished:
+            self._maybe_close()
+        else:
+            self._timers(progress=True)
+
+    def _pause(self) -> None:
+        if not self.paused and self.state == OPEN:
+            self.paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        """Read on once replies are written and the transport takes more."""
+        session = self.session
+        if self.write_paused or session.backlogged or session.stopped:
+            return
+        if session.held:  # frames already read wait behind the backlog: parse them now
+            try:
+                events = session.receive_data(b"")
+            except ProtocolError as exc:
+                self.client_error(f"protocol error: {exc}; resetting the connection")
+                self.fail()
+                return
+            self._handle(events)
+            self._after_read()
+            if session.backlogged or self.state != OPEN:
+                return
+        if self.paused and not session.eof:
+            self.paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self.state == OPEN and self.session.finished:
+            self._close()
+
+    def _close(self) -> None:
+        """Write what is queued and close: a FIN once every reply is in the kernel.
+
+        Until then the socket stays abortive (SO_LINGER 0, as every accepted
+        socket starts): if we die first, the client sees a reset, never an
+        end of stream that would pass for a clean close.  Bounded by
+        write_timeout.
+        """
+        self.server.idle.pop(self, None)
+        transport = self.transport
+        assert transport is not None
+        out = self.session.data_to_send()
+        if out and not transport.is_closing():
+            transport.writelines(out)
+        self.state = CLOSING
+        self._cancel_timer()
+        if transport.get_write_buffer_size():
+            # Hear (resume_writing) when the last byte has gone to the kernel.
+            transport.set_write_buffer_limits(high=0)
+            self._set_timer("write", self.server.limits.write_timeout)
+        else:
+            set_linger(transport, _NO_LINGER)
+        transport.close()
+
+    def _timers(self, progress: bool = False) -> None:
+        """Which deadline applies: write, frame, none (jobs in flight) or idle."""
+        limits = self.server.limits
+        kind = self.timer_kind
+        if self.write_paused:
+            if kind != "write":
+                self._set_timer("write", limits.write_timeout)
+        elif self.session.in_frame and not self.session.held:
+            if kind != "frame" or progress:
+                self._set_timer("frame", limits.read_timeout)
+        elif self.jobs or self.session.held:
+            if kind:
+                self._cancel_timer()
+        elif kind != "idle":
+            self._set_timer("idle", limits.idle_timeout)
+            self.server.idle[self] = None
+            return
+        else:
+            return
+        if kind == "idle":
+            self.server.idle.pop(self, None)
+
     def _cancel_jobs(self) -> None:
-        dispatcher = self.server.dispatcher
-        if self.job is not None:
-            dispatcher.cancel(self.job)
-            self.job = None
         if self.jobs:
+            dispatcher = self.server.dispatcher
             jobs, self.jobs = self.jobs, {}
             for job in jobs.values():
                 dispatcher.cancel(job)
 
 
 class BodyReader(asyncio.BufferedProtocol):
-    """Stands in for a Connection while the rest of a large v1 payload is read.
+    """Stands in for a V1Connection while the rest of a large payload is read.
 
     The transport reads straight into the payload's buffer, with no copy per
     chunk and no join at the end; everything else goes to the connection.
@@ -454,7 +718,7 @@ class BodyReader(asyncio.BufferedProtocol):
 
     __slots__ = ("conn",)
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: V1Connection) -> None:
         self.conn = conn
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -1,4 +1,4 @@
-"""The sans-I/O v1 framing, on its own: no sockets."""
+"""The sans-I/O framing, on its own: no sockets (the v2 server session: test_session.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,12 @@ from gaspar.protocol import (
     MAX_MESSAGE_SIZE_LIMIT,
     LimitExceeded,
     ProtocolError,
-    Refused,
     ReplyReader,
     ReplyReaderV2,
-    Request,
     RequestReader,
-    ServerReader,
     Status,
     pack,
     pack_reply_v2,
-    pack_request_v2,
     to_bytes,
 )
 
@@ -194,21 +190,6 @@ def test_any_split_gives_back_the_payload(payload: bytes, cuts: list[int]) -> No
     assert feed_chunks(RequestReader(), pack(payload), cuts) == [payload]
 
 
-def test_server_reader_reads_a_large_v1_payload_into_its_buffer() -> None:
-    body = b"v" * (2 * DIRECT_READ_MIN)
-    reader = ServerReader()
-    assert reader.feed(pack(body)[: 4 + len(body) // 2]) == [] and reader.in_frame
-    view = reader.buffer()
-    assert view is not None and len(view) == len(body) // 2
-    view[:] = body[len(body) // 2 :]
-    assert reader.advance(len(view)) == [Request(0, body)]
-    v2 = ServerReader()
-    v2.feed(MAGIC_V2 + pack_request_v2(1, body)[:DIRECT_READ_MIN])
-    assert v2.buffer() is None  # v2 frames are gathered in the connection's buffer
-    with pytest.raises(ValueError):
-        v2.advance(1)
-
-
 @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=10))
 def test_arbitrary_bytes_never_crash_or_exceed_limit(data: bytes, cuts: list[int]) -> None:
     """Fuzz: any input ends in a payload within the limit, NEED_DATA, or ProtocolError."""
@@ -234,37 +215,6 @@ def feed_all(reader, data: bytes, cuts: list[int]) -> list:
 
 def test_preamble_is_no_valid_v1_length() -> None:
     assert int.from_bytes(MAGIC_V2, "big") > MAX_MESSAGE_SIZE_LIMIT
-
-
-def test_server_reader_detects_v1_and_v2() -> None:
-    v1 = ServerReader()
-    assert v1.feed(pack(b"one")) == [Request(0, b"one")] and v1.version == 1
-    v2 = ServerReader()
-    assert v2.feed(MAGIC_V2[:2]) == [] and v2.version == 0
-    assert v2.feed(MAGIC_V2[2:] + pack_request_v2(5, b"x")) == [Request(5, b"x")]
-    assert v2.version == 2 and not v2.in_frame
-
-
-def test_v2_oversized_request_is_refused_and_skipped() -> None:
-    reader = ServerReader(max_message_size=4)
-    data = MAGIC_V2 + pack_request_v2(1, b"123456789") + pack_request_v2(2, b"ok")
-    events = feed_all(reader, data, [10, 15, 20])
-    assert [type(e) for e in events] == [Refused, Request]
-    assert events[0].id == 1 and events[0].status is Status.TOO_LARGE
-    assert events[1] == Request(2, b"ok")
-
-
-@given(
-    frames=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=8),
-    cuts=st.lists(st.integers(0, 3000), max_size=20),
-)
-def test_v2_requests_survive_any_split(frames: list[tuple[int, bytes]], cuts: list[int]) -> None:
-    data = MAGIC_V2 + b"".join(pack_request_v2(i, p) for i, p in frames)
-    limit = 200
-    events = feed_all(ServerReader(max_message_size=limit), data, cuts)
-    expected = [Request(i, p) if len(p) <= limit else ("refused", i) for i, p in frames]
-    got = [e if isinstance(e, Request) else ("refused", e.id) for e in events]
-    assert got == expected
 
 
 @given(
@@ -293,14 +243,3 @@ def test_reply_reader_rejects_a_non_v2_server_and_large_replies() -> None:
         ReplyReaderV2(max_reply_size=3).feed(MAGIC_V2 + pack_reply_v2(1, Status.OK, b"four"))
     with pytest.raises(ProtocolError):
         ReplyReaderV2().feed(MAGIC_V2 + b"\x00\x00\x00\x01\x63\x00\x00\x00\x00")
-
-
-@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=10))
-def test_server_reader_fuzz(data: bytes, cuts: list[int]) -> None:
-    """Any bytes: events, NEED_DATA or ProtocolError; never a crash or an oversized payload."""
-    reader = ServerReader(max_message_size=256)
-    try:
-        events = feed_all(reader, data, cuts)
-    except ProtocolError:
-        return
-    assert all(len(e.payload) <= 256 for e in events if isinstance(e, Request))

@@ -126,12 +126,22 @@ def test_too_large_is_skipped_and_the_connection_stays_usable(serve) -> None:
     client.close()
 
 
-def test_duplicate_id_in_flight_is_a_bad_request(two_workers) -> None:
+def test_duplicate_id_in_flight_resets_the_connection(two_workers) -> None:
+    """A reused id is a connection error: no reply for either request, then a reset."""
     client = MinimalClient(two_workers.address)
+    client.send(2, b"echo:answered first")
+    assert client.reply() == (2, OK, b"answered first")
     client.send(1, b"sleep:0.3")
     client.send(1, b"echo:dup")
-    assert client.reply()[:2] == (1, BAD_REQUEST)
-    assert client.reply() == (1, OK, b"slept:0.3")
+    with pytest.raises(ConnectionResetError):
+        client.reply()
+    client.close()
+    assert wait_until(lambda: two_workers.stats()["connections"] == 0)
+    assert two_workers.stats()["requests"]["bad_request"] == 0
+    # An id may be reused once its reply has arrived, and a new connection works.
+    client = MinimalClient(two_workers.address)
+    client.send(1, b"echo:a")
+    assert client.reply() == (1, OK, b"a")
     client.send(1, b"echo:reused after its reply")
     assert client.reply() == (1, OK, b"reused after its reply")
     client.close()
@@ -154,6 +164,43 @@ def test_pipeline_and_queue_limits_answer_overloaded(serve) -> None:
     for i in range(3):  # one runs, one waits, the third finds the queue full
         client.send(i, b"sleep:0.2")
     assert client.reply()[:2] == (2, OVERLOADED)
+    client.close()
+
+
+def test_error_body_is_the_type_name_alone_when_the_message_is_empty(two_workers) -> None:
+    client = MinimalClient(two_workers.address)
+    client.send(0, b"raise:")  # id 0 is an id like any other
+    assert client.reply() == (0, HANDLER_ERROR, b"ValueError")
+    client.send(1, b"raise:a: b")
+    assert client.reply()[2].split(b": ", 1) == [b"ValueError", b"a: b"]
+    client.send(2, b"raise:" + "\u00e9".encode() * 40_000)  # 80,000 bytes of message
+    rid, status, body = client.reply()
+    assert (rid, status) == (2, HANDLER_ERROR) and len(body) == 65536  # cut, maybe mid-character
+    assert body.decode("utf-8", "replace").startswith("ValueError: \u00e9")
+    client.close()
+
+
+def test_connection_carries_on_after_overloaded(serve) -> None:
+    producer = serve(handlers.behave, processes=1, max_pipeline=1)
+    client = MinimalClient(producer.address)
+    client.send(1, b"sleep:0.2")
+    client.send(2, b"echo:refused")
+    assert client.reply()[:2] == (2, OVERLOADED)
+    assert client.reply() == (1, OK, b"slept:0.2")
+    client.send(2, b"echo:now")
+    assert client.reply() == (2, OK, b"now")
+    client.close()
+
+
+def test_truncated_frame_then_half_close_answers_the_complete_ones(two_workers) -> None:
+    client = MinimalClient(two_workers.address)
+    client.send(1, b"sleep:0.2")
+    client.send(2, b"echo:whole")
+    client.sock.sendall(struct.pack("!II", 3, 100) + b"cut short")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert {client.reply() for _ in range(2)} == {(1, OK, b"slept:0.2"), (2, OK, b"whole")}
+    with pytest.raises(EOFError):  # a clean close: the cut frame is never answered
+        client.reply()
     client.close()
 
 
