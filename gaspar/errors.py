@@ -77,7 +77,7 @@ class MessageTooLarge(RequestFailed):
 
 
 class BadRequest(RequestFailed):
-    """The server rejected the request as malformed (for example a duplicate id)."""
+    """The request was rejected as malformed (a structured call that cannot be decoded)."""
 
 
 class ShuttingDown(RequestFailed):

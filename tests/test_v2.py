@@ -219,8 +219,7 @@ def test_stop_answers_in_flight_then_shutting_down(serve) -> None:
     client = MinimalClient(producer.address)
     client.send(1, b"sleep:0.3")
     client.send(2, b"sleep:30")  # queued behind the first
-    dispatcher = producer._dispatcher
-    assert wait_until(lambda: dispatcher.outstanding == 2)
+    assert wait_until(lambda: producer.stats()["queued"] == 1)
     stopper = threading.Thread(target=producer.stop, kwargs={"grace": 1.0})
     stopper.start()
     assert client.reply() == (1, OK, b"slept:0.3")
