@@ -10,7 +10,7 @@ fastest path.
 The wire format and its codec, :func:`encode_call` and :func:`decode_result`
 (re-exported here), are in :mod:`gaspar.callcodec`, which the clients share.
 
-msgpack is an optional dependency (``pip install 'gaspar[msgpack]'``), imported
+msgpack is an optional dependency (``pip install '.[msgpack]'`` from a checkout), imported
 only when a call is encoded or decoded or an App is built.
 """
 

@@ -45,7 +45,8 @@ def _msgpack() -> ModuleType:
             import msgpack  # type: ignore[import-untyped,unused-ignore]
         except ImportError as exc:
             raise ImportError(
-                "gaspar.app needs msgpack: pip install 'gaspar[msgpack]'", name="msgpack"
+                "gaspar.app needs msgpack: pip install '.[msgpack]' (from a gaspar checkout)",
+                name="msgpack",
             ) from exc
         _msgpack_module = msgpack
     return _msgpack_module

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_PIPELINE, MAX_MESSAGE_SIZE_LIMIT
 
 __all__ = [
     "COMMAND_OPTIONS",
@@ -45,9 +44,12 @@ REQUIRED: Any = _Required()
 SAME: Any = object()
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option: what it is called, what it may be, what it defaults to."""
+class Option(NamedTuple):
+    """One option: what it is called, what it may be, what it defaults to.
+
+    A NamedTuple rather than a dataclass: ``dataclasses`` would load ``inspect``
+    and ``ast`` into every process that parses the command line.
+    """
 
     name: str
     kind: type[int] | type[float] | type[bool] | type[str]
@@ -231,7 +233,14 @@ OPTIONS: tuple[Option, ...] = (
         above=True,
         metavar="S",
     ),
-    Option("max_pipeline", int, 128, "requests in flight on one v2 connection", low=1, metavar="N"),
+    Option(
+        "max_pipeline",
+        int,
+        DEFAULT_MAX_PIPELINE,
+        "requests in flight on one v2 connection",
+        low=1,
+        metavar="N",
+    ),
     Option(
         "idle_timeout",
         float,

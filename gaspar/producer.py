@@ -133,22 +133,8 @@ class Producer:
     ) -> None:
         # Every option is checked against gaspar/options.py; a bad one is a
         # one-line ValueError naming it and what it may be.
-        o = options.validate(
-            port=port,
-            processes=processes,
-            host=host,
-            timeout=timeout,
-            max_message_size=max_message_size,
-            max_queue=max_queue,
-            max_connections=max_connections,
-            read_timeout=read_timeout,
-            write_timeout=write_timeout,
-            max_pipeline=max_pipeline,
-            idle_timeout=idle_timeout,
-            grace=grace,
-            use_uvloop=use_uvloop,
-            tune_malloc=tune_malloc,
-        )
+        given = locals()
+        o = options.validate(**{opt.name: given[opt.name] for opt in options.PRODUCER_OPTIONS})
         self.consumer = as_consumer(consumer)
         self.options: dict[str, Any] = o  # every option, checked, by name
         self.host: str = o["host"]

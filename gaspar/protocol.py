@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_PIPELINE",
     "HEADER_SIZE",
     "MAGIC_V2",
     "MAX_LENGTH",
@@ -60,6 +61,8 @@ HEADER = struct.Struct("!I")
 HEADER_SIZE = HEADER.size
 MAX_LENGTH = 0xFFFFFFFF
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# Requests in flight on one v2 connection, unless the server is told otherwise.
+DEFAULT_MAX_PIPELINE = 128
 # Frames with a payload at least this large are written as header and payload
 # (two buffers to the transport), not concatenated into a copy.
 SPLIT_WRITE = 64 * 1024
@@ -148,7 +151,10 @@ def pack(message: BytesLike | str) -> bytes:
 
 
 class Limits:
-    """Per-connection bounds that the server enforces: sizes, counts and deadlines."""
+    """Per-connection bounds that the server enforces: sizes, counts and deadlines.
+
+    Every value is given: the defaults live in :mod:`gaspar.options`.
+    """
 
     __slots__ = (
         "idle_timeout",
@@ -165,8 +171,8 @@ class Limits:
         max_connections: int,
         read_timeout: float,
         write_timeout: float,
-        max_pipeline: int = 128,
-        idle_timeout: float = 300.0,
+        max_pipeline: int,
+        idle_timeout: float,
     ) -> None:
         self.max_message_size = max_message_size
         self.max_connections = max_connections
@@ -371,7 +377,9 @@ class SessionV2:
     )
 
     def __init__(
-        self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_pipeline: int = 128
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_pipeline: int = DEFAULT_MAX_PIPELINE,
     ) -> None:
         self.max_message_size = max_message_size
         self.max_pipeline = max_pipeline

@@ -29,12 +29,20 @@ log = logging.getLogger("gaspar.worker")
 
 # Seconds between checks, while idle, that the supervisor still exists.
 ORPHAN_CHECK = 1.0
+# The most of a handler's error text, in bytes, that a FAILED reply carries.
+MAX_ERROR_TEXT = 65536
 
 
 def describe_error(exc: BaseException) -> str:
     """One-line summary of a handler exception for the dispatcher's log and client."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def error_bytes(exc: BaseException, limit: int) -> bytes:
+    """:func:`describe_error` as UTF-8, cut to `limit` bytes on a character boundary."""
+    data = describe_error(exc).encode("utf-8", "replace")
+    return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode()
 
 
 def main(consumer: Consumer, endpoint: str, report: int | None = None) -> int:
@@ -54,7 +62,7 @@ def main(consumer: Consumer, endpoint: str, report: int | None = None) -> int:
         log.error("setup() failed in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
         if report is not None:
             with contextlib.suppress(OSError):
-                os.write(report, describe_error(exc).encode("utf-8", "replace")[:MAX_SETUP_ERROR])
+                os.write(report, error_bytes(exc, MAX_SETUP_ERROR))
         return EXIT_BOOT_ERROR
     finally:
         if report is not None:
@@ -119,7 +127,7 @@ def _run(consumer: Consumer, sock: zmq.Socket[bytes], jid: bytes, payload: bytes
     except Exception as exc:
         micros = int((time.perf_counter() - started) * 1e6)
         log.error("handler raised in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
-        text = describe_error(exc).encode("utf-8", "replace")[:65536]
+        text = error_bytes(exc, MAX_ERROR_TEXT)
         wp.send(sock, wp.FAILED, jid, text, micros)
         return
     wp.send(sock, wp.DONE, jid, data, int((time.perf_counter() - started) * 1e6))

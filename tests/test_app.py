@@ -175,7 +175,7 @@ def test_import_without_msgpack_and_the_hint() -> None:
     )
     lines = done.stdout.decode().splitlines()
     assert len(lines) == 2
-    assert all("pip install 'gaspar[msgpack]'" in line for line in lines)
+    assert all("pip install '.[msgpack]' (from a gaspar checkout)" in line for line in lines)
 
 
 # --- the App in process -----------------------------------------------------------------------

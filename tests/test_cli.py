@@ -190,3 +190,16 @@ def test_serve_tunes_malloc_unless_told_not_to() -> None:
         assert not any(b"malloc" in line for line in srv.log), srv.log
     finally:
         assert srv.finish() == 0
+
+
+def test_the_command_line_loads_little_before_serving() -> None:
+    """What `gaspar serve` loads to parse its flags is inherited by every forked process."""
+    script = (
+        "import sys, gaspar.cli; gaspar.cli.build_parser();"
+        "print(' '.join(m for m in ('asyncio', 'zmq', 'dataclasses', 'inspect',"
+        " 'gaspar.bench.runner', 'gaspar.server') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.split() == []

@@ -173,10 +173,12 @@ def test_error_body_is_the_type_name_alone_when_the_message_is_empty(two_workers
     assert client.reply() == (0, HANDLER_ERROR, b"ValueError")
     client.send(1, b"raise:a: b")
     assert client.reply()[2].split(b": ", 1) == [b"ValueError", b"a: b"]
-    client.send(2, b"raise:" + "\u00e9".encode() * 40_000)  # 80,000 bytes of message
+    # 80,001 bytes of message, "ValueError: x" then two-byte characters: cut at 64 KiB, the
+    # byte limit falls inside a character, and the cut is made before it.
+    client.send(2, b"raise:x" + "\u00e9".encode() * 40_000)
     rid, status, body = client.reply()
-    assert (rid, status) == (2, HANDLER_ERROR) and len(body) == 65536  # cut, maybe mid-character
-    assert body.decode("utf-8", "replace").startswith("ValueError: \u00e9")
+    assert (rid, status) == (2, HANDLER_ERROR) and len(body) == 65535
+    assert body.decode("utf-8").startswith("ValueError: x\u00e9")
     client.close()
 
 
