@@ -235,8 +235,10 @@ def test_session_fuzz_reaches_v2() -> None:
     inputs = seen["inputs"] - before["inputs"]
     v2 = seen["v2"] - before["v2"]
     assert inputs >= 100
-    assert v2 >= inputs * 2 // 5, f"only {v2} of {inputs} inputs got past the preamble"
-    assert seen["requests"] - before["requests"] >= inputs // 4
+    # Seen: 51-62% past the preamble, 96-188 requests in 400 inputs; the bounds
+    # leave room for hypothesis's randomness and still fail a fuzz that stalls.
+    assert v2 >= inputs // 3, f"only {v2} of {inputs} inputs got past the preamble"
+    assert seen["requests"] - before["requests"] >= inputs // 8
 
 
 def test_reserved_lengths_are_refused_as_too_large() -> None:
