@@ -77,8 +77,11 @@ async def request(
         raise failed from exc
 
 
-class _V1(asyncio.Protocol):
-    """Drives one :class:`V1Exchange`: writes it on connect, feeds it to the end."""
+class V1Protocol(asyncio.Protocol):
+    """Drives one :class:`V1Exchange`: writes it on connect, feeds it to the end.
+
+    Also the load generator's raw v1 path (gaspar.bench.raw_v1), with a timer of its own.
+    """
 
     def __init__(self, exchange: V1Exchange, done: asyncio.Future[bytes]) -> None:
         self.exchange = exchange
@@ -118,7 +121,9 @@ async def _v1(host: str, port: int, exchange: V1Exchange, **connect: Any) -> byt
     """Run `exchange` on a fresh connection; the transport is aborted when it ends."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bytes] = loop.create_future()
-    transport, _ = await loop.create_connection(lambda: _V1(exchange, done), host, port, **connect)
+    transport, _ = await loop.create_connection(
+        lambda: V1Protocol(exchange, done), host, port, **connect
+    )
     try:
         return await done
     finally:

@@ -125,7 +125,7 @@ def test_an_end_of_stream_with_a_pending_reset_fails_the_v1_request() -> None:
         done: asyncio.Future[bytes] = loop.create_future()
         exchange = V1Exchange(b"x", None)
         transport, protocol = await loop.create_connection(
-            lambda: aio._V1(exchange, done), *listener.getsockname()
+            lambda: aio.V1Protocol(exchange, done), *listener.getsockname()
         )
         transport.pause_reading()  # the bytes and the reset wait unread
         assert await asyncio.to_thread(reset.wait, 10)
