@@ -211,7 +211,8 @@ OPTIONS: tuple[Option, ...] = (
         "max_connections",
         int,
         1024,
-        "open client connections; past it, new ones are reset",
+        "open client connections; past it, the v2 connection idle the longest is closed"
+        " to admit a new one, and when none is idle new ones are reset",
         low=1,
         metavar="N",
     ),
