@@ -45,7 +45,7 @@ $(BENCH_STAMP): $(SERVE_STAMP) benchmarks/requirements.txt
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
 	touch $@
 
-# The benchmark suite (about 15 minutes): writes docs/benchmarks.md and docs/benchmarks.png.
+# The benchmark suite (about 20 minutes): writes docs/benchmarks.md and docs/benchmarks.png.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
