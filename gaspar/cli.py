@@ -1,9 +1,10 @@
-"""The ``gaspar`` command: ``gaspar serve``, ``gaspar request`` and ``gaspar bench``."""
+"""The ``gaspar`` command: ``gaspar serve``, ``request``, ``bench`` and ``keygen``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import logging
 import os
 import sys
@@ -20,6 +21,12 @@ log = logging.getLogger("gaspar.cli")
 
 # The exit code of a command given what it cannot use (argparse's own).
 EXIT_USAGE = 2
+# Logged once by `gaspar serve` bound to an address other hosts can reach.
+EXPOSED_WARNING = (
+    "--host %s is not a loopback address: the client port is unauthenticated and unencrypted; "
+    "for clients on other hosts put a TLS front before it (docs/deploy/ in gaspar's source has "
+    "an HAProxy example)"
+)
 
 
 class OneLineFormatter(logging.Formatter):
@@ -53,6 +60,23 @@ def load_target(spec: str) -> Consumer:
     return as_consumer(obj)  # type: ignore[arg-type]
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1 or ``localhost``.
+
+    Names other than ``localhost`` are not resolved: they count as reachable from elsewhere,
+    and so do the wildcard addresses (``0.0.0.0``, ``::``, the empty string).
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         consumer = load_target(args.target)
@@ -65,6 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the flags were checked already: only a bug gets here
         log.error("%s", exc)
         return EXIT_USAGE
+    if not is_loopback_host(args.host):
+        log.warning(EXPOSED_WARNING, args.host)
     try:
         producer.start()
     except StartupError:  # the producer has logged its cause
@@ -81,6 +107,21 @@ def _request(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.buffer.write(reply)
     sys.stdout.buffer.flush()
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .keys import create_keypair  # zmq.auth: only this subcommand needs it
+
+    try:
+        public, secret = create_keypair(args.directory, args.name, force=args.force)
+    except (ValueError, FileExistsError) as exc:
+        print(f"gaspar keygen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"gaspar keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"public {public}\nsecret {secret}")
     return 0
 
 
@@ -112,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("message", nargs="?", help="the message (default: read standard input)")
     req.add_argument("--timeout", type=float, default=None, help="seconds to wait in all")
     req.set_defaults(func=_request)
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="write a CURVE key pair (zmq.auth certificates)",
+        description="Write DIR/NAME.key (public certificate) and DIR/NAME.key_secret (secret "
+        "certificate, mode 0600) in zmq.auth's format.",
+    )
+    keygen.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    keygen.add_argument("--name", required=True, help="the pair's file name, without suffix")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace an existing pair of that name"
+    )
+    keygen.set_defaults(func=_keygen)
 
     from .bench import register as register_bench  # its own subcommand; light to import
 
