@@ -203,3 +203,51 @@ def test_the_command_line_loads_little_before_serving() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.split() == []
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LocalHost.", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("192.168.1.5", False),
+        ("10.0.0.1", False),
+        ("fe80::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("example.org", False),
+        ("localhost.example.org", False),
+    ],
+)
+def test_loopback_hosts_are_told_from_the_rest(host: str, loopback: bool) -> None:
+    from gaspar.cli import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+EXPOSED = re.compile(
+    rb"WARNING .*--host 0\.0\.0\.0 .*unauthenticated and unencrypted.*docs/deploy/"
+)
+
+
+def test_serve_on_a_non_loopback_host_warns_once() -> None:
+    """Binding 0.0.0.0 (an ephemeral port; the test sends nothing) logs the warning once."""
+    srv = Server("tests.handlers:echo", "--workers", "1", "--host", "0.0.0.0")
+    try:
+        assert request(("127.0.0.1", srv.port), b"still served", timeout=10) == b"still served"
+    finally:
+        assert srv.finish() == 0
+    assert sum(1 for line in srv.log if EXPOSED.search(line)) == 1, srv.log
+
+
+def test_serve_on_loopback_does_not_warn() -> None:
+    srv = Server("tests.handlers:echo", "--workers", "1", "--host", "127.0.0.1")
+    assert srv.finish() == 0
+    assert not any(b"unauthenticated" in line for line in srv.log), srv.log
