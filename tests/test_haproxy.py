@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,10 +41,8 @@ HAPROXY = shutil.which("haproxy") or (
 )
 OPENSSL = shutil.which("openssl")
 
-pytestmark = pytest.mark.skipif(
-    HAPROXY is None,
-    reason="haproxy is not installed (`make haproxy` installs Debian's package when run as root)",
-)
+NO_HAPROXY = "haproxy is not installed (`make haproxy` installs Debian's package when run as root)"
+needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason=NO_HAPROXY)
 
 
 def tagged(tag: bytes) -> Callable[[bytes], bytes]:
@@ -95,8 +94,8 @@ class HAProxy:
 
     def __init__(self, directory: Path, producers: list[tuple[str, int]]) -> None:
         self.directory = directory
-        self.plain, self.tls = listener(), listener()
         self.pem, self.ca = make_certificate(directory)
+        self.plain, self.tls = listener(), listener()
         self.stats = directory / "stats.sock"
         env = dict(os.environ)
         env.update(
@@ -214,6 +213,7 @@ def front(
     return proxy
 
 
+@needs_haproxy
 def test_config_is_valid_with_its_defaults(tmp_path: Path) -> None:
     """The documented file as a reader runs it: only the certificate's path is set."""
     pem, _ = make_certificate(tmp_path)
@@ -227,11 +227,13 @@ def test_config_is_valid_with_its_defaults(tmp_path: Path) -> None:
     assert result.returncode == 0 and b"ALERT" not in output and b"WARNING" not in output, output
 
 
+@needs_haproxy
 def test_v1_requests_reach_both_producers(front: HAProxy) -> None:
     tags = [request(front.plain_address, b"", timeout=10) for _ in range(10)]
     assert set(tags) == {b"A", b"B"}, tags
 
 
+@needs_haproxy
 def test_v2_connections_are_placed_once_and_a_pool_spreads(front: HAProxy) -> None:
     # One connection: every request over it reaches the producer it was placed on.
     with Client(front.plain_address, timeout=10, pool_size=1) as client:
@@ -259,6 +261,7 @@ def test_v2_connections_are_placed_once_and_a_pool_spreads(front: HAProxy) -> No
     assert sorted(replies) == [b"A", b"A", b"B", b"B"], replies
 
 
+@needs_haproxy
 def test_tls_front_carries_a_v1_request(front: HAProxy) -> None:
     context = ssl.create_default_context(cafile=str(front.ca))  # verifies 127.0.0.1
     with (
@@ -286,6 +289,7 @@ def test_tls_front_carries_a_v1_request(front: HAProxy) -> None:
     assert len({body for _, _, body in replies}) == 1  # one connection, one producer
 
 
+@needs_haproxy
 def test_failures_reach_v2_clients_typed_and_v1_clients_as_an_empty_reply(
     front: HAProxy,
 ) -> None:
@@ -305,6 +309,7 @@ def test_failures_reach_v2_clients_typed_and_v1_clients_as_an_empty_reply(
         assert client.request(b"") in (b"A", b"B")  # the connection carries on
 
 
+@needs_haproxy
 def test_a_stopped_producer_costs_no_request(
     two_producers: list[gaspar.Producer], front: HAProxy
 ) -> None:
@@ -317,6 +322,7 @@ def test_a_stopped_producer_costs_no_request(
     assert tags == [b"A"] * 4
 
 
+@needs_haproxy
 def test_a_port_that_does_not_answer_the_preamble_is_down(
     serve: Callable[..., gaspar.Producer], haproxy: Callable[[list[tuple[str, int]]], HAProxy]
 ) -> None:
@@ -333,3 +339,16 @@ def test_a_port_that_does_not_answer_the_preamble_is_down(
         )
     finally:
         silent.close()
+
+
+def test_readme_gives_the_defaults_the_file_has() -> None:
+    """docs/deploy/README.md's table of variables follows haproxy.cfg, the one source."""
+    in_config = dict(re.findall(r'"\$\{(GASPAR_\w+)-([^}"]*)\}"', CONFIG.read_text()))
+    readme = (CONFIG.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(GASPAR_\w+)`(?:, `(_\d)`)? \| [^|]+ \| ([^|]+) \|$", readme, re.M)
+    in_readme: dict[str, str] = {}
+    for name, second, defaults in rows:
+        values = re.findall(r"`([^`]*)`", defaults)
+        names = [name] + ([name.rsplit("_", 1)[0] + second] if second else [])
+        in_readme.update(zip(names, values, strict=True))
+    assert in_readme == in_config
