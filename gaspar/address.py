@@ -6,7 +6,7 @@ prints an address in the form ``gaspar request`` accepts.
 
 from __future__ import annotations
 
-__all__ = ["format_address", "parse_address"]
+__all__ = ["format_address", "is_loopback_host", "parse_address"]
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -26,3 +26,22 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """The inverse of :func:`parse_address`: IPv6 addresses in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1 or ``localhost``.
+
+    Names other than ``localhost`` are not resolved: they count as reachable from elsewhere,
+    and so do the wildcard addresses (``0.0.0.0``, ``::``, the empty string).
+    """
+    import ipaddress  # only here: the clients import this module
+
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import ipaddress
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .address import is_loopback_host
 from .client import request
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
@@ -58,23 +58,6 @@ def load_target(spec: str) -> Consumer:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return as_consumer(obj)  # type: ignore[arg-type]
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for an address only this machine reaches: 127.0.0.0/8, ::1 or ``localhost``.
-
-    Names other than ``localhost`` are not resolved: they count as reachable from elsewhere,
-    and so do the wildcard addresses (``0.0.0.0``, ``::``, the empty string).
-    """
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -227,7 +227,7 @@ def test_the_command_line_loads_little_before_serving() -> None:
     ],
 )
 def test_loopback_hosts_are_told_from_the_rest(host: str, loopback: bool) -> None:
-    from gaspar.cli import is_loopback_host
+    from gaspar.address import is_loopback_host
 
     assert is_loopback_host(host) is loopback
 
