@@ -83,7 +83,7 @@ def main(consumer: Consumer, link: socket.socket, max_job: int, report: int | No
 def serve(consumer: Consumer, link: socket.socket, max_job: int) -> None:
     """Say READY on `link`, then answer its jobs until it ends."""
     link.setblocking(True)
-    reader = wp.FrameReader(max_job, JOB_KINDS)
+    reader = wp.FrameReader(max_job, JOB_KINDS, reuse_large=True)
     send_frames(link, wp.frame(wp.READY, wp.job_id(0), wp.ready_info()))
     try:
         while True:

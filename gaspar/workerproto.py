@@ -56,6 +56,8 @@ FRAME_HEAD = _FRAME.size
 MAX_BODY = 2**32 - 1
 # What a FrameReader keeps for small frames; it holds any frame below SPLIT_BODY.
 READ_BUFFER = 256 * 1024
+# The largest body a reader that reuses its large buffer keeps a buffer for.
+REUSE_MAX = 4 << 20
 
 Message = tuple[bytes, bytes, int, bytes | memoryview]
 
@@ -98,6 +100,10 @@ class FrameReader:
     Small frames are gathered in one buffer of READ_BUFFER bytes, reused for the
     reader's life; a body of SPLIT_BODY bytes or more is read straight into a
     buffer of its own size, which the message then carries (as a memoryview).
+    With `reuse_large`, that buffer is kept for the next large body (up to
+    REUSE_MAX bytes), so the message's view is valid only until the next read:
+    for a reader whose caller copies the body at once (a worker hands its
+    handler bytes), which spares a fresh allocation, zeroed, per large frame.
     A declared body over `max_body`, or a kind not in `kinds`, is a FrameError.
     """
 
@@ -108,14 +114,20 @@ class FrameReader:
         "_buf",
         "_end",
         "_start",
+        "_spare",
         "_view",
         "kinds",
         "max_body",
+        "reuse_large",
     )
 
-    def __init__(self, max_body: int, kinds: frozenset[bytes] = KINDS) -> None:
+    def __init__(
+        self, max_body: int, kinds: frozenset[bytes] = KINDS, reuse_large: bool = False
+    ) -> None:
         self.max_body = max_body
         self.kinds = kinds
+        self.reuse_large = reuse_large
+        self._spare = bytearray()
         self._buf = bytearray(READ_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -169,7 +181,12 @@ class FrameReader:
             raise FrameError(f"a frame of {size} bytes, over the bound of {self.max_body}")
         begin = start + FRAME_HEAD
         if size >= SPLIT_BODY:
-            buffer = memoryview(bytearray(size))
+            if not self.reuse_large or size > REUSE_MAX:
+                buffer = memoryview(bytearray(size))
+            else:
+                if len(self._spare) < size:
+                    self._spare = bytearray(size)
+                buffer = memoryview(self._spare)[:size]
             have = min(size, avail - FRAME_HEAD)
             buffer[:have] = self._view[begin : begin + have]
             # Whatever follows the body (only once it is all here) stays for next().
