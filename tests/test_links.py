@@ -69,12 +69,12 @@ def read_all(reader: wp.FrameReader, stream: bytes, cuts: list[int]) -> list[tup
     return out
 
 
-@given(messages, st.lists(st.integers(0, 70000), max_size=6))
-def test_frames_read_back_whatever_the_pieces(items, cuts) -> None:
+@given(messages, st.lists(st.integers(0, 70000), max_size=6), st.booleans())
+def test_frames_read_back_whatever_the_pieces(items, cuts, reuse: bool) -> None:
     stream = b"".join(
         b"".join(bytes(b) for b in wp.frame(k, j, body, n)) for k, j, n, body in items
     )
-    reader = wp.FrameReader(1 << 20)
+    reader = wp.FrameReader(1 << 20, reuse_large=reuse)
     assert read_all(reader, stream, [c for c in cuts if c < len(stream)]) == items
     assert reader.pending == 0
 
