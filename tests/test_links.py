@@ -453,3 +453,24 @@ def test_a_zeromq_worker_process_serves_a_dispatcher_through_the_zeromq_link() -
             disp.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_the_local_link_works_on_either_event_loop(serve, use_uvloop: bool) -> None:
+    if use_uvloop:
+        pytest.importorskip("uvloop")
+    producer = serve(handlers.behave, processes=2, use_uvloop=use_uvloop)
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    assert request(producer.address, b"echo:" + big, timeout=20) == big
+    payloads = [b"echo:%d" % i for i in range(2000)]
+
+    async def burst() -> list[bytes]:
+        async with AsyncClient(producer.address, timeout=20) as client:
+            return await asyncio.gather(*(client.request(p) for p in payloads))
+
+    assert asyncio.run(burst()) == [b"%d" % i for i in range(2000)]
+    with pytest.raises(gaspar.WorkerLost):
+        v2_request(producer.address, b"kill", 20)
+    assert wait_until(lambda: len(producer.worker_pids()) == 2, timeout=10)
+    assert request(producer.address, b"echo:after", timeout=10) == b"after"
