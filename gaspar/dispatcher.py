@@ -223,7 +223,10 @@ class Dispatcher:
         slot = WorkerSlot(link, key, info.pid, info.host)
         self._workers[slot] = None
         log.debug("worker %d ready", info.pid)
-        self._became_idle(slot)
+        try:
+            self._became_idle(slot)
+        except Exception:
+            log.exception("dispatcher bug while handling a worker's message")
         self.notify()
         return slot
 
