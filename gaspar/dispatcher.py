@@ -103,8 +103,9 @@ class Dispatcher:
         self.max_queue = max_queue
         self._loop = asyncio.get_running_loop()
         self.links: list[WorkerLink] = []
-        # True while a link reads replies; on_replies runs after each such pass,
-        # so that what the replies produced can be written in one go.
+        # True from a link's first read of replies in a loop pass until that
+        # pass is over; on_replies runs then, so that what every reply of the
+        # pass produced (v2 replies, on any connection) is written in one go.
         self.reading = False
         self.on_replies: Callable[[], None] = _nothing
         self._counter = 0
@@ -230,10 +231,20 @@ class Dispatcher:
         self.notify()
         return slot
 
+    def begin_pass(self) -> None:
+        """A link is about to read replies: on_replies runs once this loop pass is over."""
+        if not self.reading:
+            self.reading = True
+            self._loop.call_soon(self._end_pass)
+
+    def _end_pass(self) -> None:
+        self.reading = False
+        self.on_replies()
+
     def handle_reply(
         self, slot: WorkerSlot, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
     ) -> None:
-        """A DONE or FAILED from `slot`'s worker (call with :attr:`reading` set)."""
+        """A DONE or FAILED from `slot`'s worker (read after :meth:`begin_pass`)."""
         try:
             self._reply(slot, kind, jid, number, body)
         except Exception:

@@ -171,33 +171,29 @@ class ZmqLink:
         if sock.closed:
             return
         disp = self.dispatcher
-        disp.reading = True
-        try:
-            while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
-                identity = sock.recv(NOBLOCK)
-                try:
-                    # Only what breaks gaspar/workerproto.py is "malformed".
-                    if not sock.get(RCVMORE):
-                        raise ValueError("message without a body")
-                    kind, jid, number, body = split(sock.recv(NOBLOCK), sock, NOBLOCK, copy=False)
-                    info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
-                    if info is None and kind != wp.DONE and kind != wp.FAILED:
-                        raise ValueError(f"unknown message kind {kind!r}")
-                except ValueError as exc:
-                    log.warning("malformed message from a worker dropped: %s", exc)
-                    continue
-                if info is not None:
-                    if identity not in self._slots:
-                        slot = disp.worker_ready(self, identity, info)
-                        if slot is not None:
-                            self._slots[identity] = slot
-                    continue
-                slot = self._slots.get(identity)
-                if slot is not None:
-                    disp.handle_reply(slot, kind, jid, number, body)
-        finally:
-            disp.reading = False
-            disp.on_replies()
+        disp.begin_pass()
+        while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+            identity = sock.recv(NOBLOCK)
+            try:
+                # Only what breaks gaspar/workerproto.py is "malformed".
+                if not sock.get(RCVMORE):
+                    raise ValueError("message without a body")
+                kind, jid, number, body = split(sock.recv(NOBLOCK), sock, NOBLOCK, copy=False)
+                info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
+                if info is None and kind != wp.DONE and kind != wp.FAILED:
+                    raise ValueError(f"unknown message kind {kind!r}")
+            except ValueError as exc:
+                log.warning("malformed message from a worker dropped: %s", exc)
+                continue
+            if info is not None:
+                if identity not in self._slots:
+                    slot = disp.worker_ready(self, identity, info)
+                    if slot is not None:
+                        self._slots[identity] = slot
+                continue
+            slot = self._slots.get(identity)
+            if slot is not None:
+                disp.handle_reply(slot, kind, jid, number, body)
 
 
 def serve_worker(consumer: Consumer, endpoint: str) -> None:

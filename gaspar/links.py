@@ -4,9 +4,10 @@ A worker link is the seam between the dispatcher and its workers.  The
 dispatcher calls a link to send a message to a worker and to have a worker
 killed; the link tells the dispatcher of a worker's READY
 (:meth:`Dispatcher.worker_ready`, which gives the link the worker's slot), of
-its replies (:meth:`Dispatcher.handle_reply`, within a pass that sets
-``dispatcher.reading`` and ends with ``dispatcher.on_replies()``), and of its
-loss (:meth:`Dispatcher.worker_lost`).  Each kind of link names its workers by
+its replies (:meth:`Dispatcher.handle_reply`, after
+:meth:`Dispatcher.begin_pass`, so that what the replies of one loop pass
+produced is written once that pass is over), and of its loss
+(:meth:`Dispatcher.worker_lost`).  Each kind of link names its workers by
 a key of its own (a connection here, a ZeroMQ identity in gaspar/link_zmq.py).
 
 The local link: each worker forked by the supervisor has one end of a Unix
@@ -82,7 +83,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         reader = self.reader
         reader.feed(nbytes)
         disp = self.link.dispatcher
-        disp.reading = True
+        disp.begin_pass()
         try:
             while (message := reader.next()) is not None:
                 kind, jid, number, body = message
@@ -95,9 +96,6 @@ class LocalConnection(asyncio.BufferedProtocol):
                     raise wp.FrameError(f"{kind!r} {'before' if slot is None else 'after'} READY")
         except ValueError as exc:  # FrameError, or a malformed READY
             self.drop(str(exc))
-        finally:
-            disp.reading = False
-            disp.on_replies()
 
     def eof_received(self) -> bool | None:
         return None  # close our end too
