@@ -124,7 +124,8 @@ class Dispatcher:
     @property
     def ready_workers(self) -> int:
         """Workers that said READY and are not known to be dead or doomed."""
-        return sum(1 for slot in self._workers if not slot.doomed)
+        slots = list(self._workers)  # one C call: stats() may ask from another thread
+        return sum(1 for slot in slots if not slot.doomed)
 
     def worker_pids(self) -> list[int]:
         """Pids of the workers that are ready to take jobs or running one."""
