@@ -1,24 +1,27 @@
-"""The dispatcher: hands each request to an idle worker over ZeroMQ.
+"""The dispatcher: hands each request to an idle worker, over whatever link reaches it.
 
-This is the ZeroMQ Guide's load-balancing broker.  Workers connect DEALER
-sockets to our ROUTER and say READY; we keep one queue of waiting jobs and one
-queue of idle workers, and send jobs only to a worker that is idle.  A long
-job therefore never holds up a short one while another worker is free, unlike
-PUSH/PULL round-robin, which deals work ahead to busy workers.
+This is the ZeroMQ Guide's load-balancing broker.  Workers say READY; we keep
+one queue of waiting jobs and one queue of idle workers, and send jobs only to
+a worker that is idle.  A long job therefore never holds up a short one while
+another worker is free, unlike PUSH/PULL round-robin, which deals work ahead
+to busy workers.
 
 Batches: when jobs are waiting for every worker and the handler's recent runs
 have all been short (see BATCH_BUDGET), a freed worker is sent several waiting
 jobs in one message: the queue, less one job for each other worker.  It runs
-them in order and answers each as soon as it is done.  That spreads ZeroMQ's
-cost per message (a wake-up of two I/O threads and the worker) over the batch,
+them in order and answers each as soon as it is done.  That spreads the cost
+per message (a wake-up of the worker, a system call each way) over the batch,
 which is most of what tiny jobs cost.  A batch is sized to run within
 BATCH_BUDGET, so what it can hold up is bounded, and any handler run longer
 than half of that stops batching until it has been forgotten.
 
-The dispatcher does not care where a worker runs: it knows a worker by its
-ZeroMQ identity, and learns of deaths through :meth:`worker_exited` (from the
-local supervisor today; from heartbeats once remote workers join).  Killing a
-worker whose job ran past its deadline is delegated to the `kill` callback.
+The dispatcher does not care where a worker runs or how its messages travel:
+a worker link (gaspar/links.py: the local Unix link; gaspar/link_zmq.py: the
+ZeroMQ one) tells it of READY (:meth:`worker_ready`, which gives the link the
+worker's :class:`WorkerSlot`), of replies (:meth:`handle_reply`) and of a
+worker's loss (:meth:`worker_lost`), and carries its jobs and its requests to
+kill a worker whose job ran past its deadline.  A worker is known by its slot,
+which its link made from an identity of its own, never by its pid alone.
 
 Every job ends exactly once, through its callback, with one :class:`Status`.
 """
@@ -28,28 +31,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-
-import zmq
+from typing import TYPE_CHECKING
 
 from . import workerproto as wp
 from .protocol import Status
+from .workerproto import BATCH_BYTES, BATCH_MAX
+
+if TYPE_CHECKING:
+    from .links import WorkerLink
+
+__all__ = ["BATCH_BUDGET", "BATCH_BYTES", "BATCH_MAX", "Dispatcher", "Job", "WorkerSlot"]
 
 log = logging.getLogger("gaspar.dispatcher")
 
-# A READY from a pid reported dead this recently is stale and is ignored.
-STALE_READY_WINDOW = 60.0
-# Batches: at most this many jobs, and this many payload bytes (each job's
-# payload below wp.SPLIT_BODY), sized to run within BATCH_BUDGET seconds by the
-# handler's recent peak run time, which decays by PEAK_DECAY with each reply.
-BATCH_MAX = 16
-BATCH_BYTES = 64 * 1024
+# Batches (at most wp.BATCH_MAX jobs and wp.BATCH_BYTES of payload) are sized
+# to run within BATCH_BUDGET seconds by the handler's recent peak run time,
+# which decays by PEAK_DECAY with each reply.
 BATCH_BUDGET = 0.001
 PEAK_DECAY = 0.98
-EVENTS = int(zmq.EVENTS)
-POLLIN = int(zmq.POLLIN)
 
 
 Callback = Callable[[Status, bytes | memoryview], None]
@@ -57,6 +58,10 @@ Callback = Callable[[Status, bytes | memoryview], None]
 
 def _nothing() -> None:
     pass
+
+
+class WorkerUnreachable(Exception):
+    """A link could not hand a message to a worker: it is gone, though not yet reported lost."""
 
 
 class Job:
@@ -73,59 +78,40 @@ class Job:
 
 
 class WorkerSlot:
-    """What the dispatcher knows of one worker."""
+    """What the dispatcher knows of one worker: its link, the link's key for it, its jobs."""
 
-    __slots__ = ("batch", "doomed", "host", "identity", "job", "pid")
+    __slots__ = ("batch", "doomed", "host", "job", "key", "link", "pid")
 
-    def __init__(self, identity: bytes, pid: int, host: str) -> None:
-        self.identity = identity
-        self.pid = pid
+    def __init__(self, link: WorkerLink, key: object, pid: int, host: str) -> None:
+        self.link = link
+        self.key = key  # the link's identity of the worker (a ZeroMQ identity, a connection)
+        self.pid = pid  # information, and what the local supervisor kills
         self.host = host
         # The job it is running (the one whose reply comes next), and the rest
         # of its batch, which it runs after it, in order.
         self.job: Job | None = None
         self.batch: deque[Job] = deque()
+        # Taken out of service (killed, lost, retiring): its replies are dropped.
         self.doomed = False
 
 
 class Dispatcher:
-    """Load-balances jobs across workers behind a ROUTER socket."""
+    """Load-balances jobs across the workers of its links."""
 
-    def __init__(
-        self,
-        ctx: zmq.Context[zmq.Socket[bytes]],
-        endpoint: str,
-        *,
-        kill: Callable[[int], None],
-        timeout: float | None,
-        max_queue: int,
-    ) -> None:
+    def __init__(self, *, timeout: float | None, max_queue: int) -> None:
         self.timeout = timeout
         self.max_queue = max_queue
-        self._kill = kill
         self._loop = asyncio.get_running_loop()
-        self._sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-        try:
-            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.bind(endpoint)
-        except zmq.ZMQError:
-            # An open socket would make the context's term() wait forever.
-            self._sock.close(linger=0)
-            raise
-        self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-        self._loop.add_reader(self._fd, self._on_readable)
-        self._check_scheduled = False
-        # True while replies are read; on_replies runs after each such pass,
-        # so that what the replies produced can be written in one go.
+        self.links: list[WorkerLink] = []
+        # True from a link's first read of replies in a loop pass until that
+        # pass is over; on_replies runs then, so that what every reply of the
+        # pass produced (v2 replies, on any connection) is written in one go.
         self.reading = False
         self.on_replies: Callable[[], None] = _nothing
         self._counter = 0
         self._pending: deque[Job] = deque()
         self._idle: deque[WorkerSlot] = deque()
-        self._workers: dict[bytes, WorkerSlot] = {}
-        self._by_pid: dict[int, WorkerSlot] = {}
-        self._recently_exited: dict[int, float] = {}
+        self._workers: dict[WorkerSlot, None] = {}  # in the order they came
         self._busy = 0
         # The handler's recent peak run time (s); unknown counts as the budget.
         self._peak = BATCH_BUDGET
@@ -138,11 +124,12 @@ class Dispatcher:
     @property
     def ready_workers(self) -> int:
         """Workers that said READY and are not known to be dead or doomed."""
-        return sum(1 for slot in self._workers.values() if not slot.doomed)
+        slots = list(self._workers)  # one C call: stats() may ask from another thread
+        return sum(1 for slot in slots if not slot.doomed)
 
     def worker_pids(self) -> list[int]:
         """Pids of the workers that are ready to take jobs or running one."""
-        slots = list(self._workers.values())  # one C call: safe from another thread
+        slots = list(self._workers)  # one C call: safe from another thread
         return sorted(slot.pid for slot in slots if not slot.doomed)
 
     def stats(self) -> dict[str, int]:
@@ -169,10 +156,6 @@ class Dispatcher:
         self._busy += 1
         if self._idle:
             self._send(self._idle.popleft(), [job])
-            # A send can consume the edge-triggered FD's notice of pending
-            # input: look now, and read on the next loop pass if there is some.
-            if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
-                self._schedule_check()
         else:
             self._pending.append(job)
         return job
@@ -189,44 +172,22 @@ class Dispatcher:
                 return
             self._done()
 
-    def worker_exited(self, pid: int, code: int) -> None:
-        """A worker process ended: fail its jobs, if any, and forget it.
-
-        The rest of its batch fails too: whether the worker had started the
-        next job before it died cannot be known, and a job never runs twice.
-        """
-        slot = self._by_pid.pop(pid, None)
-        if slot is None:
-            now = time.monotonic()
-            self._recently_exited = {
-                p: t for p, t in self._recently_exited.items() if now - t < STALE_READY_WINDOW
-            }
-            self._recently_exited[pid] = now
-            self._notify()
-            return
-        self._remove(slot)
-        if not slot.doomed:
-            log.warning("worker %d exited unexpectedly (code %d)", pid, code)
-        if slot.job is not None:
-            self._finish(slot.job, Status.WORKER_LOST, b"the worker running the request died")
-        while slot.batch:
-            self._finish(
-                slot.batch.popleft(), Status.WORKER_LOST, b"the worker holding the request died"
-            )
-        self._notify()
-
     def retire(self) -> None:
         """Take every worker out of service: they are about to be stopped."""
         self._retired = True
         self._idle.clear()
-        for slot in self._workers.values():
+        for slot in self._workers:
             slot.doomed = True
+
+    def fail_queued(self, outcome: Status, message: bytes) -> None:
+        """End every job still waiting for a worker with `outcome`."""
+        while self._pending:
+            self._finish(self._pending.popleft(), outcome, message)
 
     def fail_all(self, outcome: Status, message: bytes) -> None:
         """End every queued and running job with `outcome` (used at shutdown)."""
-        while self._pending:
-            self._finish(self._pending.popleft(), outcome, message)
-        for slot in list(self._workers.values()):
+        self.fail_queued(outcome, message)
+        for slot in list(self._workers):
             if slot.job is not None:
                 job, slot.job = slot.job, None
                 self._finish(job, outcome, message)
@@ -250,9 +211,67 @@ class Dispatcher:
                 self._waiters.remove(entry)
 
     def close(self) -> None:
-        """Stop reading and close the ROUTER socket."""
-        self._loop.remove_reader(self._fd)
-        self._sock.close(linger=0)
+        """Close every link."""
+        for link in self.links:
+            link.close()
+        self.links.clear()
+
+    # -- what links tell us ------------------------------------------------------
+
+    def worker_ready(self, link: WorkerLink, key: object, info: wp.ReadyInfo) -> WorkerSlot | None:
+        """A worker said READY on `link`: its slot, or None if no worker may join now."""
+        if self._retired:
+            return None
+        slot = WorkerSlot(link, key, info.pid, info.host)
+        self._workers[slot] = None
+        log.debug("worker %d ready", info.pid)
+        try:
+            self._became_idle(slot)
+        except Exception:
+            log.exception("dispatcher bug while handling a worker's message")
+        self.notify()
+        return slot
+
+    def begin_pass(self) -> None:
+        """A link is about to read replies: on_replies runs once this loop pass is over."""
+        if not self.reading:
+            self.reading = True
+            self._loop.call_soon(self._end_pass)
+
+    def _end_pass(self) -> None:
+        self.reading = False
+        self.on_replies()
+
+    def handle_reply(
+        self, slot: WorkerSlot, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
+    ) -> None:
+        """A DONE or FAILED from `slot`'s worker (read after :meth:`begin_pass`)."""
+        try:
+            self._reply(slot, kind, jid, number, body)
+        except Exception:
+            # Our own bug, not the worker's: say so, and read on.
+            log.exception("dispatcher bug while handling a worker's message")
+
+    def worker_lost(self, slot: WorkerSlot, reason: str) -> None:
+        """`slot`'s worker is gone (its link closed, or it was reported dead): fail its jobs.
+
+        The rest of its batch fails too: whether the worker had started the
+        next job before it died cannot be known, and a job never runs twice.
+        """
+        if slot not in self._workers:
+            return
+        self._remove(slot)
+        if not slot.doomed:
+            log.warning("worker %d lost: %s", slot.pid, reason)
+        slot.doomed = True
+        if slot.job is not None:
+            job, slot.job = slot.job, None
+            self._finish(job, Status.WORKER_LOST, b"the worker running the request died")
+        while slot.batch:
+            self._finish(
+                slot.batch.popleft(), Status.WORKER_LOST, b"the worker holding the request died"
+            )
+        self.notify()
 
     # -- jobs ------------------------------------------------------------------
 
@@ -263,17 +282,15 @@ class Dispatcher:
         """
         first = jobs[0]
         try:
-            self._sock.send(slot.identity, wp.SNDMORE)
             if len(jobs) == 1:
-                wp.send(self._sock, wp.JOB, first.id, first.payload)  # type: ignore[arg-type]
+                slot.link.send(slot, wp.JOB, first.id, first.payload)  # type: ignore[arg-type]
             else:
                 body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
-                wp.send(self._sock, wp.BATCH, first.id, body, len(jobs))
-        except zmq.ZMQError as exc:
-            # EHOSTUNREACH: ZeroMQ already knows the peer is gone.
+                slot.link.send(slot, wp.BATCH, first.id, body, len(jobs))
+        except WorkerUnreachable as exc:
             log.warning("worker %d unreachable (%s); requeueing", slot.pid, exc)
             self._remove(slot)
-            self._by_pid.pop(slot.pid, None)
+            slot.doomed = True
             self._pending.extendleft(reversed(jobs))
             self._dispatch()
             return
@@ -330,7 +347,7 @@ class Dispatcher:
     def _done(self) -> None:
         self._busy -= 1
         if self._waiters:
-            self._notify()
+            self.notify()
 
     def _expire(self, slot: WorkerSlot, job: Job) -> None:
         if slot.job is not job:
@@ -350,75 +367,13 @@ class Dispatcher:
             else:
                 self._pending.appendleft(held)
         self._finish(job, Status.TIMEOUT, b"request ran past the server's timeout")
-        self._kill(slot.pid)
+        slot.link.kill(slot)
         self._dispatch()
 
-    # -- workers ---------------------------------------------------------------
-
-    def _remove(self, slot: WorkerSlot) -> None:
-        self._workers.pop(slot.identity, None)
-        with contextlib.suppress(ValueError):
-            self._idle.remove(slot)
-
-    def _became_idle(self, slot: WorkerSlot) -> None:
-        if not self._pending:
-            self._idle.append(slot)
-            return
-        self._send(slot, self._take_batch())
-
-    def _notify(self) -> None:
-        for predicate, fut in list(self._waiters):
-            if not fut.done() and predicate():
-                fut.set_result(None)
-
-    # -- socket ----------------------------------------------------------------
-
-    def _schedule_check(self) -> None:
-        if not self._check_scheduled:
-            self._check_scheduled = True
-            self._loop.call_soon(self._on_readable)
-
-    def _on_readable(self) -> None:
-        # Checking EVENTS (not catching zmq.Again) keeps the empty case cheap,
-        # and also re-arms the edge-triggered descriptor.
-        self._check_scheduled = False
-        sock = self._sock
-        if sock.closed:
-            return
-        self.reading = True
-        try:
-            while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
-                identity = sock.recv(wp.NOBLOCK)
-                try:
-                    # Only what breaks gaspar/workerproto.py is "malformed".
-                    if not sock.get(wp.RCVMORE):
-                        raise ValueError("message without a body")
-                    kind, jid, number, body = wp.split(
-                        sock.recv(wp.NOBLOCK), sock, wp.NOBLOCK, copy=False
-                    )
-                    info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
-                    if info is None and kind != wp.DONE and kind != wp.FAILED:
-                        raise ValueError(f"unknown message kind {kind!r}")
-                except ValueError as exc:
-                    log.warning("malformed message from a worker dropped: %s", exc)
-                    continue
-                try:
-                    if info is None:
-                        self._handle_reply(identity, kind, jid, number, body)
-                    else:
-                        self._handle_ready(identity, info)
-                except Exception:
-                    # Our own bug, not the worker's: say so, and read on.
-                    log.exception("dispatcher bug while handling a worker's message")
-        finally:
-            self.reading = False
-            self.on_replies()
-
-    def _handle_reply(
-        self, identity: bytes, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
+    def _reply(
+        self, slot: WorkerSlot, kind: bytes, jid: bytes, number: int, body: bytes | memoryview
     ) -> None:
-        slot = self._workers.get(identity)
-        if slot is None or slot.doomed:
+        if slot.doomed:
             return
         job = slot.job
         if job is None or job.id != jid:
@@ -435,17 +390,21 @@ class Dispatcher:
         finally:  # whatever went wrong above, this job ends
             self._finish(job, Status.OK if kind == wp.DONE else Status.HANDLER_ERROR, body)
 
-    def _handle_ready(self, identity: bytes, info: wp.ReadyInfo) -> None:
-        exited_at = self._recently_exited.pop(info.pid, None)
-        if (
-            self._retired
-            or identity in self._workers
-            or (exited_at is not None and time.monotonic() - exited_at < STALE_READY_WINDOW)
-        ):
+    # -- workers ---------------------------------------------------------------
+
+    def _remove(self, slot: WorkerSlot) -> None:
+        self._workers.pop(slot, None)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(slot)
+
+    def _became_idle(self, slot: WorkerSlot) -> None:
+        if not self._pending:
+            self._idle.append(slot)
             return
-        slot = WorkerSlot(identity, info.pid, info.host)
-        self._workers[identity] = slot
-        self._by_pid[info.pid] = slot
-        log.debug("worker %d ready", info.pid)
-        self._became_idle(slot)
-        self._notify()
+        self._send(slot, self._take_batch())
+
+    def notify(self) -> None:
+        """Re-check what :meth:`wait_for` waits for (after an event it cannot see)."""
+        for predicate, fut in list(self._waiters):
+            if not fut.done() and predicate():
+                fut.set_result(None)

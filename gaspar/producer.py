@@ -3,14 +3,14 @@
 It owns the order of start and stop, and nothing else: the supervisor owns
 processes, the dispatcher owns jobs, the server owns connections.
 
-Start: make a private directory for the ipc endpoint, fork the supervisor
-(before any loop, thread or ZeroMQ context exists), then on the event loop
-bind the dispatcher and the TCP port, let the supervisor fork workers, and
-wait until every worker has said READY.
+Start: fork the supervisor (before any loop or thread exists), then on the
+event loop make the dispatcher and its local worker link and bind the TCP
+port, let the supervisor fork workers (each worker's link comes back with its
+"spawned" line), and wait until every worker has said READY.
 
 Stop: stop accepting, let queued and running requests finish within the
 grace period, fail the rest, flush replies, retire the workers and the
-supervisor, close sockets and remove the directory.
+supervisor, and close the links.  Nothing is left on disk: there is none.
 
 asyncio, uvloop, the server and the dispatcher are imported only once the
 supervisor is forked, so that it and every worker are spared their memory.
@@ -21,27 +21,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import options
+from . import workerproto as wp
 from .address import format_address
 from .consumer import Consumer, Handler, as_consumer
 from .errors import StartupError
 from .options import DEFAULTS
-from .protocol import Limits, Status
+from .protocol import MAX_LENGTH, Limits, Status
 from .supervisor import SupervisorLink
 
 if TYPE_CHECKING:
     import asyncio
 
-    import zmq
-
     from .dispatcher import Dispatcher
+    from .links import LocalLink
     from .server import Server
 
 log = logging.getLogger("gaspar.producer")
@@ -165,9 +163,9 @@ class Producer:
         self._stop_grace: float | None = None
         self._stop_requested = False  # by stop(), possibly before the loop exists
         self._supervisor_lost = False
-        self._tmpdir: str | None = None
         self._link: SupervisorLink | None = None
         self._dispatcher: Dispatcher | None = None
+        self._local: LocalLink | None = None
         self._server: Server | None = None
 
     # -- public ----------------------------------------------------------------
@@ -178,18 +176,11 @@ class Producer:
             if self.state != NEW:
                 raise RuntimeError(f"producer already {self.state}")
             self.state = STARTING
-        # ZeroMQ's module (not a context: no thread, no socket) is loaded before
-        # the fork, so that the producer, the supervisor and the workers share it.
-        import zmq  # noqa: F401
-
         try:
-            self._tmpdir = tempfile.mkdtemp(prefix="gaspar-")  # mode 0700
-            endpoint = f"ipc://{self._tmpdir}/workers"
             self._link = SupervisorLink.fork(
-                self.consumer, endpoint, self.processes, private_dir=self._tmpdir
+                self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
             )
         except BaseException as exc:
-            self._cleanup_files()
             with self._lock:
                 self.state = STOPPED
             self._ready.set()
@@ -208,14 +199,12 @@ class Producer:
             else:
                 log.info("tune_malloc: not glibc; malloc left as it is")
         if blocking:
-            self._run(
-                endpoint, install_signals=threading.current_thread() is threading.main_thread()
-            )
+            self._run(install_signals=threading.current_thread() is threading.main_thread())
             if self._startup_error is not None:
                 raise self._startup_error
             return
         self._loop_thread = threading.Thread(
-            target=self._run, args=(endpoint, False), name="gaspar-producer", daemon=True
+            target=self._run, args=(False,), name="gaspar-producer", daemon=True
         )
         self._loop_thread.start()
         self._ready.wait()
@@ -312,7 +301,7 @@ class Producer:
         except RuntimeError:
             return False
 
-    def _run(self, endpoint: str, install_signals: bool) -> None:
+    def _run(self, install_signals: bool) -> None:
         from .loop import new_event_loop
 
         loop = new_event_loop(self.use_uvloop)
@@ -322,7 +311,7 @@ class Producer:
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, self._on_signal, sig)
-            loop.run_until_complete(self._main(endpoint))
+            loop.run_until_complete(self._main())
         except BaseException as exc:
             if self._startup_error is None and not self._ready.is_set():
                 self._startup_error = exc
@@ -357,15 +346,31 @@ class Producer:
         self._stop_event.set()
 
     def _supervisor_died(self) -> None:
+        """The supervisor is gone, and its workers with it: fail what they held, and stop.
+
+        A new supervisor cannot be forked from here: this process runs an event
+        loop and threads, and a fork must carry neither.  The requests that the
+        workers held end as WORKER_LOST at once, those still queued as
+        SHUTTING_DOWN (no worker will come for them), and the producer stops.
+        """
         self._supervisor_lost = True
-        if self.state == RUNNING:
-            log.critical("supervisor process died; stopping")
-        self._request_stop(None)
+        dispatcher = self._dispatcher
+        if self.state == RUNNING and dispatcher is not None:
+            stats = dispatcher.stats()
+            log.critical(
+                "supervisor process died, and its workers with it: %d requests in flight"
+                " fail as worker_lost, %d queued as shutting_down; stopping",
+                stats["in_flight"],
+                stats["queued"],
+            )
+        if self._local is not None:
+            self._local.lose_all("its supervisor died")
+        if dispatcher is not None:
+            dispatcher.fail_queued(Status.SHUTTING_DOWN, b"server stopping: its workers died")
+        self._request_stop(0.0)
 
-    async def _main(self, endpoint: str) -> None:
+    async def _main(self) -> None:
         import asyncio
-
-        import zmq
 
         loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
@@ -374,10 +379,9 @@ class Producer:
                 self._stop_event.set()
         link = self._link
         assert link is not None
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         try:
             try:
-                await self._boot(loop, ctx, link, endpoint)
+                await self._boot(loop, link)
             except BaseException as exc:
                 self._startup_error = (
                     exc
@@ -401,38 +405,19 @@ class Producer:
             grace = self.grace if self._stop_grace is None else self._stop_grace
             await self._drain(grace)
         finally:
-            await self._teardown(ctx, link)
+            await self._teardown(link)
 
-    async def _boot(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ctx: zmq.Context[zmq.Socket[bytes]],
-        link: SupervisorLink,
-        endpoint: str,
-    ) -> None:
+    async def _boot(self, loop: asyncio.AbstractEventLoop, link: SupervisorLink) -> None:
         import asyncio
 
-        import zmq
-
         from .dispatcher import Dispatcher
+        from .links import LocalLink
         from .server import Server
 
         boot_failed: list[str] = []
-        try:
-            dispatcher = Dispatcher(
-                ctx, endpoint, kill=link.kill, timeout=self.timeout, max_queue=self.max_queue
-            )
-        except zmq.ZMQError as exc:
-            path = endpoint.removeprefix("ipc://")
-            limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0)
-            reason = (
-                f"its path has {len(path)} characters, over the {limit} an ipc path may have;"
-                " set TMPDIR to a shorter directory"
-                if limit and len(path) > limit
-                else str(exc)
-            )
-            raise StartupError(f"cannot bind the workers' endpoint {endpoint}: {reason}") from exc
-        self._dispatcher = dispatcher
+        dispatcher = Dispatcher(timeout=self.timeout, max_queue=self.max_queue)
+        local = LocalLink(dispatcher, kill=link.kill, max_reply=MAX_LENGTH)
+        self._dispatcher, self._local = dispatcher, local
 
         def on_setup_failed(pid: int, backoff: float, error: str) -> None:
             if self.state == STARTING:
@@ -448,8 +433,10 @@ class Producer:
             # crashes (not raises) in setup() would otherwise be replaced for ever.
             if self.state == STARTING and not boot_failed:
                 boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
-            dispatcher.worker_exited(pid, code)
+            local.exited(pid, code)
+            dispatcher.notify()  # the wait below may be for this
 
+        link.on_spawned = local.add
         link.on_setup_failed = on_setup_failed
         link.on_exited = on_exited
         link.on_lost = self._supervisor_died
@@ -502,7 +489,7 @@ class Producer:
         if not await server.wait_closed(self.limits.write_timeout):
             server.abort_all()
 
-    async def _teardown(self, ctx: zmq.Context[zmq.Socket[bytes]], link: SupervisorLink) -> None:
+    async def _teardown(self, link: SupervisorLink) -> None:
         # From here the supervisor's exit and the workers' are expected.
         link.on_lost = _nothing
         link.on_setup_failed = _ignore_setup_failure
@@ -519,12 +506,4 @@ class Producer:
         link.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
-        # destroy, not term: a socket left open by a failed start must not hang us.
-        ctx.destroy(linger=0)
-        self._cleanup_files()
         log.info("stopped")
-
-    def _cleanup_files(self) -> None:
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None

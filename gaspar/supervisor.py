@@ -17,16 +17,19 @@ message:
     producer -> supervisor   go | kill PID | stop SECONDS
     supervisor -> producer   spawned PID | setup-failed PID BACKOFF ERROR | exited PID CODE
 
-CODE is the exit code, or minus the signal number that ended the worker.  A
-worker whose setup() raised writes "TypeName: message" to a pipe of its own
-before it exits with EXIT_BOOT_ERROR; the supervisor passes it on as ERROR
-(one line, UTF-8) with the seconds it will wait before the next attempt, just
-before that worker's "exited" line; the producer decides what to say of it.
+"spawned PID" carries (SCM_RIGHTS) the producer's end of the new worker's
+link: a socket pair the supervisor makes just before the fork, whose other end
+the worker keeps (gaspar/links.py); the supervisor closes both of its copies
+once it has sent that line, so no other process holds them.  CODE is the exit
+code, or minus the signal number that ended the worker.  A worker whose
+setup() raised writes "TypeName: message" to a pipe of its own before it
+exits with EXIT_BOOT_ERROR; the supervisor passes it on as ERROR (one line,
+UTF-8) with the seconds it will wait before the next attempt, just before that
+worker's "exited" line; the producer decides what to say of it.
 
 Each side notices the other's death by EOF on that socket; workers notice the
-supervisor's death by a parent-death signal (Linux) or by being reparented.
-A supervisor that sees its producer die without a "stop" removes the
-producer's private directory (the ipc endpoint's), which nobody else will.
+supervisor's death by a parent-death signal (Linux), and the producer's by EOF
+on their links.  Neither the supervisor nor a local worker loads ZeroMQ.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import gc
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -58,6 +60,8 @@ log = logging.getLogger("gaspar.supervisor")
 BOOT_BACKOFF_MIN = 0.5
 BOOT_BACKOFF_MAX = 30.0
 PR_SET_PDEATHSIG = 1
+# Descriptors one read of the control socket takes (one per "spawned" line).
+MAX_FDS = 64
 
 
 class Supervisor:
@@ -66,21 +70,18 @@ class Supervisor:
     def __init__(
         self,
         consumer: Consumer,
-        endpoint: str,
         processes: int,
         control: socket.socket,
-        private_dir: str | None = None,
+        max_job: int,
     ) -> None:
         self.consumer = consumer
-        self.endpoint = endpoint
         self.processes = processes
         self.control = control
-        self.private_dir = private_dir
+        self.max_job = max_job  # the bound on a job frame's body, for each worker
         self.workers: set[int] = set()
         # The read end of each worker's pipe for its setup() error.
         self.reports: dict[int, int] = {}
         self.stopping = False
-        self.orphaned = False
         self.term_timeout = 5.0
         self.backoff = 0.0
         self.next_spawn = 0.0
@@ -95,12 +96,8 @@ class Supervisor:
         # The worker's code is loaded once here, so that every worker shares it.
         from . import worker  # noqa: F401
 
-        try:
-            if self._wait_for_go():
-                self._serve()
-        finally:
-            if self.orphaned and self.private_dir is not None:
-                shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self._wait_for_go():
+            self._serve()
         return 0
 
     def _serve(self) -> None:
@@ -128,6 +125,7 @@ class Supervisor:
         # worker and here, so that those passes do not copy the pages they share.
         gc.freeze()
         report_r, report_w = os.pipe()
+        worker_end, producer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # SIGTERM waits until the child has dropped our handler for it: one sent
         # to a worker that has just been forked must not be taken as ours.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -135,8 +133,10 @@ class Supervisor:
         try:
             pid = os.fork()
         except OSError:
-            os.close(report_r)
-            os.close(report_w)
+            for fd in (report_r, report_w):
+                os.close(fd)
+            worker_end.close()
+            producer_end.close()
             raise
         finally:
             if pid != 0:
@@ -145,18 +145,23 @@ class Supervisor:
             code = EXIT_ERROR
             try:
                 os.close(report_r)
+                producer_end.close()
                 self._become_worker()
                 from . import worker
 
-                code = worker.main(self.consumer, self.endpoint, report_w)
+                code = worker.main(self.consumer, worker_end, self.max_job, report_w)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
                 _flush_and_exit(code)
         os.close(report_w)
+        worker_end.close()
         self.reports[pid] = report_r
         self.workers.add(pid)
-        self._tell(f"spawned {pid}")
+        try:
+            self._tell(f"spawned {pid}", producer_end.fileno())
+        finally:
+            producer_end.close()
         log.debug("spawned worker %d", pid)
 
     def kill_worker(self, pid: int, sig: int = signal.SIGKILL) -> None:
@@ -259,7 +264,6 @@ class Supervisor:
         if not data:
             log.debug("producer gone; supervisor stopping")
             self.stopping = True
-            self.orphaned = True
             return False
         self._inbox += data
         go = False
@@ -273,12 +277,16 @@ class Supervisor:
             elif cmd == "stop":
                 self.term_timeout = float(arg)
                 self.stopping = True
-                self.orphaned = False
         return go
 
-    def _tell(self, line: str) -> None:
+    def _tell(self, line: str, fd: int | None = None) -> None:
+        data = line.encode("utf-8") + b"\n"
         with contextlib.suppress(OSError):
-            self.control.sendall(line.encode("utf-8") + b"\n")
+            if fd is None:
+                self.control.sendall(data)
+            else:
+                sent = socket.send_fds(self.control, [data], [fd])
+                self.control.sendall(data[sent:])
 
     def _become_worker(self) -> None:
         """Shed the supervisor's descriptors and signal set-up in a new worker."""
@@ -326,18 +334,17 @@ class SupervisorLink:
         self._exit_code: int | None = None
         self._gone: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.on_spawned: Callable[[int], None] = lambda pid: None
+        self._fds: list[int] = []  # descriptors received, each for its "spawned" line
+        self.on_spawned: Callable[[int, socket.socket], None] = lambda pid, sock: sock.close()
         self.on_setup_failed: Callable[[int, float, str], None] = lambda pid, backoff, error: None
         self.on_exited: Callable[[int, int], None] = lambda pid, code: None
         self.on_lost: Callable[[], None] = lambda: None
 
     @classmethod
-    def fork(
-        cls, consumer: Consumer, endpoint: str, processes: int, private_dir: str | None = None
-    ) -> SupervisorLink:
+    def fork(cls, consumer: Consumer, processes: int, max_job: int) -> SupervisorLink:
         """Fork the supervisor; it waits for :meth:`go` before forking workers.
 
-        `private_dir` is removed by the supervisor if this process dies first.
+        `max_job` bounds the body of a job frame a worker accepts.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The supervisor (and, after it, every worker) keeps what exists now out
@@ -356,7 +363,7 @@ class SupervisorLink:
             code = 1
             try:
                 ours.close()
-                code = Supervisor(consumer, endpoint, processes, theirs, private_dir).run()
+                code = Supervisor(consumer, processes, theirs, max_job).run()
             except BaseException:
                 log.exception("supervisor crashed")
             finally:
@@ -409,6 +416,8 @@ class SupervisorLink:
         if self._loop is not None and self.control.fileno() >= 0:
             self._loop.remove_reader(self.control.fileno())
         self.control.close()
+        while self._fds:
+            os.close(self._fds.pop())
 
     def _send(self, line: str) -> None:
         try:
@@ -422,11 +431,14 @@ class SupervisorLink:
 
     def _on_readable(self) -> None:
         try:
-            data = self.control.recv(65536)
+            data, fds, flags, _ = socket.recv_fds(self.control, 65536, MAX_FDS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, fds, flags = b"", [], 0
+        self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            log.error("the supervisor sent more worker links than a read takes")
         if not data:
             assert self._loop is not None
             self._loop.remove_reader(self.control.fileno())
@@ -439,7 +451,11 @@ class SupervisorLink:
             line, self._inbox = self._inbox.split(b"\n", 1)
             words = line.decode("utf-8", "replace").split(" ", 3)
             if words[0] == "spawned":
-                self.on_spawned(int(words[1]))
+                if not self._fds:
+                    log.error("worker %s came without its link", words[1])
+                    continue
+                sock = socket.socket(fileno=self._fds.pop(0))
+                self.on_spawned(int(words[1]), sock)
             elif words[0] == "setup-failed":
                 self.on_setup_failed(int(words[1]), float(words[2]), words[3])
             elif words[0] == "exited":

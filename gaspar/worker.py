@@ -1,25 +1,27 @@
 """The worker process: runs the consumer's handler on jobs from the dispatcher.
 
-A worker is forked by the supervisor, which loads this module (and ZeroMQ's)
-but creates no context: each worker builds its own after the fork.
-It runs ``setup()``, connects a DEALER to the dispatcher, says READY, then
-answers one job at a time (the jobs of a batch in order, each answered as soon
-as it is done).  It leaves when it is sent SIGTERM, or
-when its supervisor goes away: on Linux the kernel kills it then (a
-parent-death signal); elsewhere it notices within ORPHAN_CHECK seconds.
+A local worker is forked by the supervisor with one end of a Unix socket pair
+whose other end the producer holds (gaspar/links.py): no path, no handshake,
+no ZeroMQ, no thread.  It runs ``setup()``, says READY on its socket, then
+answers one job at a time (the jobs of a batch in order, each answered as
+soon as it is done), in a blocking loop that reads into one reused buffer.
+It leaves when its link ends (EOF: the producer has gone or dropped it), when
+it is sent SIGTERM, or when its supervisor dies (the kernel kills it then, on
+Linux, by a parent-death signal).
+
+:func:`run` is the handler's side of every kind of link: the ZeroMQ worker
+loop (gaspar/link_zmq.py) runs jobs with it too.
 """
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 import traceback
-
-import zmq
 
 from . import workerproto as wp
 from .consumer import Consumer
@@ -27,10 +29,12 @@ from .exitcodes import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, MAX_SETUP_ERROR
 
 log = logging.getLogger("gaspar.worker")
 
-# Seconds between checks, while idle, that the supervisor still exists.
-ORPHAN_CHECK = 1.0
 # The most of a handler's error text, in bytes, that a FAILED reply carries.
 MAX_ERROR_TEXT = 65536
+# A worker's reader takes JOB and BATCH frames only.
+JOB_KINDS = frozenset((wp.JOB, wp.BATCH))
+
+Frames = list[bytes | bytearray | memoryview]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -45,14 +49,15 @@ def error_bytes(exc: BaseException, limit: int) -> bytes:
     return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode()
 
 
-def main(consumer: Consumer, endpoint: str, report: int | None = None) -> int:
+def main(consumer: Consumer, link: socket.socket, max_job: int, report: int | None = None) -> int:
     """Body of a freshly forked worker process; returns its exit code.
 
-    SIGINT is ignored (a terminal's Ctrl-C reaches the whole process group and
-    the producer decides how to stop); SIGTERM keeps its default, since the
-    supervisor sends it only to workers it is retiring.  If setup() raises, its
-    "TypeName: message" is written to the descriptor `report` (the
-    supervisor's pipe), which is closed either way before serving.
+    `link` is the worker's end of its socket pair; `max_job` bounds the body
+    of a job frame.  SIGINT is ignored (a terminal's Ctrl-C reaches the whole
+    process group and the producer decides how to stop); SIGTERM keeps its
+    default, since the supervisor sends it only to workers it is retiring.  If
+    setup() raises, its "TypeName: message" is written to the descriptor
+    `report` (the supervisor's pipe), which is closed either way before serving.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -68,56 +73,62 @@ def main(consumer: Consumer, endpoint: str, report: int | None = None) -> int:
         if report is not None:
             os.close(report)
     try:
-        serve(consumer, endpoint)
+        serve(consumer, link, max_job)
     except Exception:
         log.critical("worker %d failed: %s", os.getpid(), traceback.format_exc().rstrip())
         return EXIT_ERROR
     return EXIT_OK
 
 
-def serve(consumer: Consumer, endpoint: str) -> None:
-    """Answer jobs until the supervisor that forked us is gone."""
-    parent = os.getppid()
-    ctx = zmq.Context(io_threads=1)
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-    sock.linger = 1000
-    sock.rcvtimeo = int(ORPHAN_CHECK * 1000)
-    sock.identity = b"%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(4)))
-    sock.connect(endpoint)
+def serve(consumer: Consumer, link: socket.socket, max_job: int) -> None:
+    """Say READY on `link`, then answer its jobs until it ends."""
+    link.setblocking(True)
+    reader = wp.FrameReader(max_job, JOB_KINDS, reuse_large=True)
+    send_frames(link, wp.frame(wp.READY, wp.job_id(0), wp.ready_info()))
     try:
-        wp.send(sock, wp.READY, wp.job_id(0), wp.ready_info())
         while True:
-            try:
-                first = sock.recv()
-            except zmq.Again:
-                if os.getppid() != parent:
-                    log.debug("supervisor gone; worker %d leaving", os.getpid())
-                    return
-                continue
-            _answer(consumer, sock, first)
+            n = link.recv_into(reader.get_buffer())
+            if not n:
+                if reader.pending:
+                    raise wp.FrameError("the link ended inside a frame")
+                log.debug("link closed; worker %d leaving", os.getpid())
+                return
+            reader.feed(n)
+            while (message := reader.next()) is not None:
+                kind, jid, count, body = message
+                if kind == wp.JOB:
+                    send_frames(link, run(consumer, jid, as_bytes(body)))
+                else:
+                    for item, payload in wp.unpack_batch(as_bytes(body), count):
+                        send_frames(link, run(consumer, item, payload))
+    except ConnectionResetError:
+        log.debug("link reset; worker %d leaving", os.getpid())
     finally:
-        sock.close(linger=1000)
-        ctx.term()
+        link.close()
 
 
-def _answer(consumer: Consumer, sock: zmq.Socket[bytes], first: bytes) -> None:
-    try:
-        kind, jid, count, payload = wp.split(first, sock)
-        assert isinstance(payload, bytes)  # split copies by default
-        if kind == wp.JOB:
-            jobs = [(jid, payload)]
-        elif kind == wp.BATCH:
-            jobs = wp.unpack_batch(payload, count)
-        else:
-            raise ValueError(f"unexpected message kind {kind!r}")
-    except ValueError as exc:
-        log.warning("worker %d dropped a malformed job: %s", os.getpid(), exc)
+def as_bytes(body: bytes | memoryview) -> bytes:
+    """A job's payload as the handler takes it: bytes."""
+    return body if isinstance(body, bytes) else body.tobytes()
+
+
+def send_frames(link: socket.socket, frames: Frames) -> None:
+    """Write one frame, given as one buffer or as head and body, in full."""
+    if len(frames) == 1:
+        link.sendall(frames[0])
         return
-    for jid, payload in jobs:
-        _run(consumer, sock, jid, payload)
+    head, body = frames
+    body = memoryview(body).cast("B")
+    sent = link.sendmsg([head, body])
+    if sent < len(head):
+        link.sendall(head[sent:])
+        sent = len(head)
+    if sent - len(head) < body.nbytes:
+        link.sendall(body[sent - len(head) :])
 
 
-def _run(consumer: Consumer, sock: zmq.Socket[bytes], jid: bytes, payload: bytes) -> None:
+def run(consumer: Consumer, jid: bytes, payload: bytes) -> Frames:
+    """Run the handler on one job: its DONE or FAILED message, as frames."""
     started = time.perf_counter()
     try:
         reply = consumer.handle(payload)
@@ -127,7 +138,9 @@ def _run(consumer: Consumer, sock: zmq.Socket[bytes], jid: bytes, payload: bytes
     except Exception as exc:
         micros = int((time.perf_counter() - started) * 1e6)
         log.error("handler raised in worker %d: %s", os.getpid(), traceback.format_exc().rstrip())
-        text = error_bytes(exc, MAX_ERROR_TEXT)
-        wp.send(sock, wp.FAILED, jid, text, micros)
-        return
-    wp.send(sock, wp.DONE, jid, data, int((time.perf_counter() - started) * 1e6))
+        return wp.frame(wp.FAILED, jid, error_bytes(exc, MAX_ERROR_TEXT), micros)
+    micros = int((time.perf_counter() - started) * 1e6)
+    try:
+        return wp.frame(wp.DONE, jid, data, micros)
+    except ValueError as exc:  # a reply too large for any frame
+        return wp.frame(wp.FAILED, jid, error_bytes(exc, MAX_ERROR_TEXT), micros)

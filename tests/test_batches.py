@@ -1,9 +1,10 @@
 """Batches: tiny jobs waiting for busy workers travel several to a message.
 
-The dispatcher tests drive a real Dispatcher over real ZeroMQ, with the test
-playing the workers' side of gaspar/workerproto.py on DEALER sockets, so that
-what each worker is sent, and when, can be checked exactly.  The producer
-tests check the same end to end.
+The dispatcher tests drive a real Dispatcher through its ZeroMQ link
+(gaspar/link_zmq.py) over real ZeroMQ, with the test playing the workers' side
+of gaspar/workerproto.py on DEALER sockets, so that what each worker is sent,
+and when, can be checked exactly.  The producer tests check the same end to
+end, over the local link.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gaspar
 from gaspar import workerproto as wp
 from gaspar.aio import AsyncClient
 from gaspar.dispatcher import BATCH_BUDGET, BATCH_MAX, Dispatcher
+from gaspar.link_zmq import ZmqLink
 from gaspar.protocol import Status
 from tests import handlers
 
@@ -80,12 +82,14 @@ async def dispatcher(
     timeout: float | None = None,
     cls: type[Dispatcher] = Dispatcher,
 ) -> AsyncIterator[tuple[Dispatcher, list[Worker], list[int]]]:
-    """A Dispatcher on an ipc endpoint, and `workers` test workers that said READY."""
+    """A Dispatcher with a ZeroMQ link on an ipc endpoint, and `workers` test workers
+    that said READY."""
     endpoint = f"ipc://{tmp_path}/d"
     ctx = zmq.Context()
     actx = zmq.asyncio.Context()
     killed: list[int] = []
-    disp = cls(ctx, endpoint, kill=killed.append, timeout=timeout, max_queue=1000)
+    disp = cls(timeout=timeout, max_queue=1000)
+    ZmqLink(disp, endpoint, kill=killed.append, ctx=ctx)
     peers = [Worker(actx, endpoint, 1000 + i) for i in range(workers)]
     try:
         for n, peer in enumerate(peers, 1):  # one by one: they are idle in this order
@@ -219,7 +223,9 @@ def test_a_worker_death_fails_its_whole_batch_and_nothing_else(tmp_path: Path) -
             futures, batch = await warm_batch(disp, peer, 6, expect=5)
             await peer.answer(*batch[0])
             await asyncio.wait_for(futures[1], 5)
-            disp.worker_exited(peer.pid, -9)
+            link = disp.links[0]
+            assert isinstance(link, ZmqLink)
+            link.worker_exited(peer.pid, -9)
             results = await asyncio.wait_for(asyncio.gather(*futures), 5)
             assert results[:2] == [(Status.OK, b"J0"), (Status.OK, b"J1")]
             assert [s for s, _ in results[2:]] == [Status.WORKER_LOST] * 4

@@ -1,0 +1,238 @@
+"""The ZeroMQ worker link: a ROUTER the dispatcher's workers reach with DEALER sockets.
+
+The second kind of worker link (the first, for local workers, is
+gaspar/links.py).  Workers may run anywhere an endpoint reaches; the next
+step takes it onto tcp:// with CURVE and heartbeats.  A message is one or two
+ZeroMQ frames: the head of gaspar/workerproto.py followed by the body when it
+is small, or the head alone and the body as a second frame, sent without a
+copy.  The ROUTER prepends the worker's identity on receipt and strips it on
+send; workers never see identities.  A worker is known by that identity; its
+pid is information (and what its host's supervisor kills).
+
+Few frames and plain-int flags matter here: each frame or flag-enum operation
+in pyzmq costs microseconds.  This module is the only one of gaspar's that
+imports ZeroMQ, and only a producer with a ZeroMQ link, or a ZeroMQ worker,
+loads it: local workers and the supervisor never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import os
+from collections.abc import Callable
+
+import zmq
+
+from . import workerproto as wp
+from .consumer import Consumer
+from .dispatcher import Dispatcher, WorkerSlot, WorkerUnreachable
+from .worker import Frames, run
+
+log = logging.getLogger("gaspar.link_zmq")
+
+SNDMORE = int(zmq.SNDMORE)
+RCVMORE = int(zmq.RCVMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+# Seconds between checks, while idle, that a ZeroMQ worker's parent still exists.
+ORPHAN_CHECK = 1.0
+
+
+def send(sock: zmq.Socket[bytes], frames: Frames) -> None:
+    """Send one message, as gaspar/workerproto.py's frame() gave it (after any identity)."""
+    if len(frames) == 1:
+        sock.send(memoryview(frames[0])[4:])
+    else:
+        sock.send(frames[0][4:], SNDMORE)  # type: ignore[index]
+        sock.send(frames[1], copy=False)
+
+
+def split(
+    first: bytes, sock: zmq.Socket[bytes], flags: int = 0, copy: bool = True
+) -> tuple[bytes, bytes, int, bytes | memoryview]:
+    """Parse a message whose first frame is `first`: (kind, job id, number, body).
+
+    Reads the body frame when there is one (with copy=False, as a view of the
+    ZeroMQ message, which saves copying a large body once more); raises
+    ValueError for a message of the wrong shape, after draining its frames.
+    """
+    body: bytes | memoryview = first[wp.HEAD_SIZE :]
+    if sock.get(RCVMORE):
+        body = sock.recv(flags) if copy else sock.recv(flags, copy=False).buffer
+        if sock.get(RCVMORE):
+            while sock.get(RCVMORE):
+                sock.recv(flags)
+            raise ValueError("message of more than two frames")
+        if len(first) != wp.HEAD_SIZE:
+            raise ValueError("head with an inline body followed by a body frame")
+    if len(first) < wp.HEAD_SIZE:
+        raise ValueError("message head too short")
+    return first[:1], first[1:9], int.from_bytes(first[9 : wp.HEAD_SIZE], "big"), body
+
+
+class ZmqLink:
+    """The producer's side: a ROUTER bound to `endpoint`, read on the dispatcher's loop.
+
+    Losses are not seen on this link yet (the next step adds heartbeats): a
+    worker's supervisor reports them through :meth:`worker_exited`, and a send
+    to an identity ZeroMQ knows is gone fails (ROUTER_MANDATORY).  `kill`
+    asks whoever runs the worker to kill it, by pid.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        endpoint: str,
+        *,
+        kill: Callable[[int], None],
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self._kill = kill
+        self._own_ctx = ctx is None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
+        self._loop = asyncio.get_running_loop()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
+        try:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.bind(endpoint)
+        except zmq.ZMQError:
+            # An open socket would make the context's term() wait forever.
+            self._sock.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+            raise
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._slots: dict[bytes, WorkerSlot] = {}
+        self._check_scheduled = False
+        self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self._loop.add_reader(self._fd, self._on_readable)
+        dispatcher.links.append(self)
+
+    # -- the seam --------------------------------------------------------------
+
+    def send(
+        self,
+        slot: WorkerSlot,
+        kind: bytes,
+        jid: bytes,
+        body: bytes | bytearray | memoryview,
+        number: int = 0,
+    ) -> None:
+        """Send one message to `slot`'s worker; WorkerUnreachable if ZeroMQ knows it is gone."""
+        try:
+            self._sock.send(slot.key, SNDMORE)  # type: ignore[call-overload]
+            send(self._sock, wp.frame(kind, jid, body, number))
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: ZeroMQ already knows the peer is gone.
+            self._slots.pop(slot.key, None)  # type: ignore[call-overload]
+            raise WorkerUnreachable(str(exc)) from exc
+        # A send can consume the edge-triggered FD's notice of pending input:
+        # look now, and read on the next loop pass if there is some.
+        if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+            self._schedule_check()
+
+    def kill(self, slot: WorkerSlot) -> None:
+        """Have `slot`'s worker killed (its job ran past the timeout)."""
+        self._kill(slot.pid)
+
+    def close(self) -> None:
+        """Stop reading and close the ROUTER socket (and the context, if ours)."""
+        if self._sock.closed:
+            return
+        self._loop.remove_reader(self._fd)
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)
+
+    def worker_exited(self, pid: int, code: int) -> None:
+        """The supervisor of this link's workers reports that worker `pid` ended."""
+        for key, slot in list(self._slots.items()):
+            if slot.pid == pid:
+                del self._slots[key]
+                self.dispatcher.worker_lost(slot, f"it exited with code {code}")
+
+    # -- reading ---------------------------------------------------------------
+
+    def _schedule_check(self) -> None:
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Checking EVENTS (not catching zmq.Again) keeps the empty case cheap,
+        # and also re-arms the edge-triggered descriptor.
+        self._check_scheduled = False
+        sock = self._sock
+        if sock.closed:
+            return
+        disp = self.dispatcher
+        disp.begin_pass()
+        while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+            identity = sock.recv(NOBLOCK)
+            try:
+                # Only what breaks gaspar/workerproto.py is "malformed".
+                if not sock.get(RCVMORE):
+                    raise ValueError("message without a body")
+                kind, jid, number, body = split(sock.recv(NOBLOCK), sock, NOBLOCK, copy=False)
+                info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
+                if info is None and kind != wp.DONE and kind != wp.FAILED:
+                    raise ValueError(f"unknown message kind {kind!r}")
+            except ValueError as exc:
+                log.warning("malformed message from a worker dropped: %s", exc)
+                continue
+            if info is not None:
+                if identity not in self._slots:
+                    slot = disp.worker_ready(self, identity, info)
+                    if slot is not None:
+                        self._slots[identity] = slot
+                continue
+            slot = self._slots.get(identity)
+            if slot is not None:
+                disp.handle_reply(slot, kind, jid, number, body)
+
+
+def serve_worker(consumer: Consumer, endpoint: str) -> None:
+    """A worker on the ZeroMQ link: DEALER to `endpoint`, READY, then answer jobs.
+
+    It runs until its parent process is gone (checked every ORPHAN_CHECK
+    seconds while idle).  The next step makes this the ``gaspar worker`` command.
+    """
+    parent = os.getppid()
+    ctx = zmq.Context(io_threads=1)
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    sock.rcvtimeo = int(ORPHAN_CHECK * 1000)
+    sock.identity = b"%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(4)))
+    sock.connect(endpoint)
+    try:
+        send(sock, wp.frame(wp.READY, wp.job_id(0), wp.ready_info()))
+        while True:
+            try:
+                first = sock.recv()
+            except zmq.Again:
+                if os.getppid() != parent:
+                    log.debug("parent gone; worker %d leaving", os.getpid())
+                    return
+                continue
+            try:
+                kind, jid, count, payload = split(first, sock)
+                assert isinstance(payload, bytes)  # split copies by default
+                if kind == wp.JOB:
+                    jobs = [(jid, payload)]
+                elif kind == wp.BATCH:
+                    jobs = wp.unpack_batch(payload, count)
+                else:
+                    raise ValueError(f"unexpected message kind {kind!r}")
+            except ValueError as exc:
+                log.warning("worker %d dropped a malformed job: %s", os.getpid(), exc)
+                continue
+            for jid, payload in jobs:
+                send(sock, run(consumer, jid, payload))
+    finally:
+        sock.close(linger=1000)
+        ctx.term()

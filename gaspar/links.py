@@ -1,0 +1,225 @@
+"""Worker links: how jobs reach workers and replies come back; the local link.
+
+A worker link is the seam between the dispatcher and its workers.  The
+dispatcher calls a link to send a message to a worker and to have a worker
+killed; the link tells the dispatcher of a worker's READY
+(:meth:`Dispatcher.worker_ready`, which gives the link the worker's slot), of
+its replies (:meth:`Dispatcher.handle_reply`, after
+:meth:`Dispatcher.begin_pass`, so that what the replies of one loop pass
+produced is written once that pass is over), and of its loss
+(:meth:`Dispatcher.worker_lost`).  Each kind of link names its workers by
+a key of its own (a connection here, a ZeroMQ identity in gaspar/link_zmq.py).
+
+The local link: each worker forked by the supervisor has one end of a Unix
+stream socket pair that the supervisor made at the fork; the other end comes
+to the producer over the supervisor's control socket (SCM_RIGHTS) and is read
+on the event loop by a :class:`LocalConnection`, an ``asyncio.BufferedProtocol``
+that reads frames (gaspar/workerproto.py) into the buffers of one
+:class:`~gaspar.workerproto.FrameReader`.  No path, no handshake: the pair
+exists before the worker runs.  A worker that dies closes its end, so its
+loss is seen at once, as EOF; a frame that breaks the framing or its bound
+drops the worker (it is killed and replaced), never the producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
+
+from . import workerproto as wp
+from .dispatcher import WorkerUnreachable
+
+if TYPE_CHECKING:
+    from .dispatcher import Dispatcher, WorkerSlot
+
+log = logging.getLogger("gaspar.links")
+
+# What the producer reads from a local worker: READY and replies.
+REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED))
+
+
+class WorkerLink(Protocol):
+    """What the dispatcher asks of a kind of link."""
+
+    def send(
+        self,
+        slot: WorkerSlot,
+        kind: bytes,
+        jid: bytes,
+        body: bytes | bytearray | memoryview,
+        number: int = 0,
+    ) -> None:
+        """Send one message to `slot`'s worker; raise WorkerUnreachable if it is gone."""
+
+    def kill(self, slot: WorkerSlot) -> None:
+        """Have `slot`'s worker killed (and so replaced): its job ran past the timeout."""
+
+    def close(self) -> None:
+        """Close the link and everything it holds."""
+
+
+class LocalConnection(asyncio.BufferedProtocol):
+    """The producer's end of one local worker's socket pair."""
+
+    def __init__(self, link: LocalLink, pid: int) -> None:
+        self.link = link
+        self.pid = pid
+        self.reader = wp.FrameReader(link.max_reply, REPLY_KINDS)
+        self.transport: asyncio.Transport | None = None
+        self.slot: WorkerSlot | None = None
+        self.broken = ""  # why this end dropped the worker, if it did
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is no subclass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reader = self.reader
+        reader.feed(nbytes)
+        disp = self.link.dispatcher
+        disp.begin_pass()
+        try:
+            while (message := reader.next()) is not None:
+                kind, jid, number, body = message
+                slot = self.slot
+                if slot is not None and kind != wp.READY:
+                    disp.handle_reply(slot, kind, jid, number, body)
+                elif slot is None and kind == wp.READY:
+                    self._ready(bytes(body))
+                else:
+                    raise wp.FrameError(f"{kind!r} {'before' if slot is None else 'after'} READY")
+        except ValueError as exc:  # FrameError, or a malformed READY
+            self.drop(str(exc))
+
+    def eof_received(self) -> bool | None:
+        return None  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.forget(self)
+        if self.slot is not None:
+            if self.broken:
+                reason = f"its link broke ({self.broken})"
+            elif self.reader.pending:
+                reason = "its link closed inside a message"
+            else:
+                reason = "its link closed"
+            self.link.dispatcher.worker_lost(self.slot, reason)
+
+    def drop(self, why: str) -> None:
+        """The worker broke the framing: kill it (its supervisor replaces it), close our end."""
+        if self.broken:
+            return
+        self.broken = why
+        log.warning("worker %d broke its link (%s); dropping it", self.pid, why)
+        self.link.kill_pid(self.pid)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _ready(self, info_bytes: bytes) -> None:
+        info = wp.parse_ready(info_bytes)
+        if info.pid != self.pid:
+            raise wp.FrameError(f"READY from pid {info.pid} on the link of worker {self.pid}")
+        self.slot = self.link.dispatcher.worker_ready(self.link, self, info)
+
+
+class LocalLink:
+    """Local workers, each on its own Unix socket pair, read on the dispatcher's loop."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, *, kill: Callable[[int], None], max_reply: int
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.kill_pid = kill
+        self.max_reply = max_reply
+        self._loop = asyncio.get_running_loop()
+        self._connections: dict[int, LocalConnection] = {}
+        self._closed = False
+        dispatcher.links.append(self)
+
+    def add(self, pid: int, sock: socket.socket) -> None:
+        """The supervisor forked worker `pid`; `sock` is our end of its socket pair."""
+        if self._closed:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = LocalConnection(self, pid)
+        self._connections[pid] = conn
+        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: conn, sock))
+        task.add_done_callback(lambda done: self._attached(done, conn, sock))
+
+    def exited(self, pid: int, code: int) -> None:
+        """The supervisor reaped worker `pid`: if its link is still open, it is lost now."""
+        conn = self._connections.pop(pid, None)
+        if conn is None:
+            log.debug("worker %d exited (code %d)", pid, code)
+            return
+        if conn.slot is not None:
+            self.dispatcher.worker_lost(conn.slot, f"it exited with code {code}")
+            conn.slot = None
+        if conn.transport is not None:
+            conn.transport.abort()
+
+    def lose_all(self, reason: str) -> None:
+        """Every local worker is gone (their supervisor died, and they with it)."""
+        for conn in list(self._connections.values()):
+            if conn.slot is not None:
+                self.dispatcher.worker_lost(conn.slot, reason)
+                conn.slot = None
+        self.close()
+
+    def forget(self, conn: LocalConnection) -> None:
+        """`conn` closed."""
+        if self._connections.get(conn.pid) is conn:
+            del self._connections[conn.pid]
+
+    # -- the seam --------------------------------------------------------------
+
+    def send(
+        self,
+        slot: WorkerSlot,
+        kind: bytes,
+        jid: bytes,
+        body: bytes | bytearray | memoryview,
+        number: int = 0,
+    ) -> None:
+        """Write one frame to `slot`'s worker; WorkerUnreachable if its link is closed."""
+        conn: LocalConnection = slot.key  # type: ignore[assignment]
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise WorkerUnreachable("its link is closed")
+        frames = wp.frame(kind, jid, body, number)
+        if len(frames) == 1:
+            transport.write(frames[0])
+        else:
+            transport.writelines(frames)
+
+    def kill(self, slot: WorkerSlot) -> None:
+        """Have the supervisor SIGKILL `slot`'s worker (its job ran past the timeout)."""
+        self.kill_pid(slot.pid)
+
+    def close(self) -> None:
+        """Close every worker's link (the workers see EOF and leave)."""
+        self._closed = True
+        for conn in list(self._connections.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._connections.clear()
+
+    def _attached(
+        self, done: asyncio.Task[object], conn: LocalConnection, sock: socket.socket
+    ) -> None:
+        failure = "cancelled" if done.cancelled() else done.exception()
+        if failure is not None:
+            log.error("cannot read worker %d's link: %s", conn.pid, failure)
+            self.forget(conn)
+            with contextlib.suppress(OSError):
+                sock.close()
+            self.kill_pid(conn.pid)
+        elif self._closed and conn.transport is not None:
+            conn.transport.abort()
