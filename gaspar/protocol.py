@@ -64,6 +64,7 @@ __all__ = [
     "pack_reply_v2",
     "pack_request_v2",
     "pack_timed_request_v2",
+    "timed_header_v2",
     "to_bytes",
 ]
 
@@ -352,15 +353,18 @@ def pack_request_v2(request_id: int, payload: bytes | bytearray | memoryview) ->
     return REQUEST_V2.pack(request_id, len(payload)) + payload
 
 
+def timed_header_v2(request_id: int, deadline_ms: int, length: int) -> bytes:
+    """The 12-byte header of a v2 request with a deadline (a control connection's frame)."""
+    if not 0 <= deadline_ms <= MAX_DEADLINE_MS:
+        raise ValueError(f"deadline_ms must be from 0 to {MAX_DEADLINE_MS}")
+    return TIMED_V2.pack(request_id, CONTROL_BIT | KIND_TIMED << 24 | deadline_ms, length)
+
+
 def pack_timed_request_v2(
     request_id: int, deadline_ms: int, payload: bytes | bytearray | memoryview
 ) -> bytes:
     """Frame one v2 request with a deadline (a control connection's frame)."""
-    if not 0 <= deadline_ms <= MAX_DEADLINE_MS:
-        raise ValueError(f"deadline_ms must be from 0 to {MAX_DEADLINE_MS}")
-    return TIMED_V2.pack(request_id, CONTROL_BIT | KIND_TIMED << 24 | deadline_ms, len(payload)) + (
-        payload
-    )
+    return timed_header_v2(request_id, deadline_ms, len(payload)) + payload
 
 
 def pack_cancel_v2(request_id: int) -> bytes:
