@@ -6,10 +6,13 @@
   persistent v2 connections: requests are pipelined, replies are matched by
   id and may come back in any order.
 
-Cancelling the task that awaits a request ends that request: a one-shot
-connection is closed; on a shared connection the request's id stays reserved
-until the server's late reply arrives and is dropped, so it can never be
-delivered to another caller.
+Each request carries its timeout as a deadline, so that the server fails it
+with TIMEOUT, unrun, if no worker has taken it by then.  Cancelling the task
+that awaits a request, or its timeout, ends that request: a one-shot
+connection is closed; on a shared connection a cancel frame tells the server
+to drop it (or to discard its reply if it runs), and its id stays reserved
+until the server's one reply for it arrives and is dropped, so it can never be
+delivered to another caller.  docs/protocol.md, "Control frames", has the rules.
 """
 
 from __future__ import annotations
@@ -136,17 +139,19 @@ Waiter = asyncio.Future[tuple[Status, bytes]]
 class _Connection(asyncio.Protocol):
     """One persistent v2 connection carrying many requests at once."""
 
-    def __init__(self, where: str, max_reply_size: int | None) -> None:
+    def __init__(self, where: str, max_reply_size: int | None, control: bool) -> None:
         self.where = where
-        self.session: ClientSession[Waiter] = ClientSession(max_reply_size)
+        self.session: ClientSession[Waiter] = ClientSession(max_reply_size, control=control)
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        # Set once the server's preamble has come (or the connection ended first).
+        self.greeting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(ClientSession.PREAMBLE)
+        self.transport.write(self.session.preamble)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -154,6 +159,8 @@ class _Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self._break(cast(RequestFailed, as_request_failed(exc, self.where)))
             return
+        if not self.greeting.done() and self.session.greeted:
+            self.greeting.set_result(None)
         for fut, status, body in replies:
             if not fut.done():
                 fut.set_result((status, body))
@@ -175,15 +182,18 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    async def send(self, payload: bytes) -> tuple[Status, bytes]:
+    async def send(self, payload: bytes, deadline: float | None) -> tuple[Status, bytes]:
+        """Send one request, with `deadline` (loop time) as its deadline, and await its reply."""
         if self.lost is not None:
             raise ConnectionFailed(f"{self.where}: connection lost") from self.lost
         await self._writable.wait()
         if self.lost is not None or self.transport is None:
             raise ConnectionFailed(f"{self.where}: connection lost") from self.lost
-        fut: Waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: Waiter = loop.create_future()
+        left = None if deadline is None else deadline - loop.time()
         try:
-            rid, frames = self.session.send(fut, payload)
+            rid, frames = self.session.send(fut, payload, left)
         except ProtocolError as exc:  # every id taken by requests never answered
             raise ConnectionFailed(f"{self.where}: {exc}") from exc
         if len(frames) == 1:
@@ -194,7 +204,9 @@ class _Connection(asyncio.Protocol):
             return await fut
         finally:
             if not fut.done() or fut.cancelled():
-                self.session.abandon(rid)
+                frame = self.session.cancel(rid)  # b"" on a plain connection
+                if frame and not self.transport.is_closing():
+                    self.transport.write(frame)
 
     @property
     def load(self) -> int:
@@ -216,6 +228,9 @@ class _Connection(asyncio.Protocol):
         """Fail every request waiting on this connection with `error`."""
         if self.lost is None:
             self.lost = error
+        if not self.greeting.done():
+            self.greeting.set_exception(error)
+            self.greeting.exception()  # retrieved: nobody may be waiting for it
         for fut in self.session.close():
             if not fut.done():
                 fut.set_exception(error)
@@ -230,6 +245,13 @@ class AsyncClient:
     and waits here, not in the server, when none has.  A broken connection
     fails the requests it carried with ConnectionFailed and is replaced on the
     next request.
+
+    With `deadlines` (the default) a request carries its timeout as its
+    deadline, and one whose caller gives up (timeout, task cancelled) is
+    cancelled on the server; a connection then waits for the server's preamble
+    before its first request.  A server without control frames is detected
+    there (a reset before its preamble: nothing ran) and spoken to in plain v2
+    from then on.  ``deadlines=False`` speaks plain v2 from the start.
     """
 
     def __init__(
@@ -240,6 +262,7 @@ class AsyncClient:
         max_in_flight: int = 128,
         timeout: float | None = None,
         max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
+        deadlines: bool = True,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -249,6 +272,7 @@ class AsyncClient:
         self.where = format_address(self.host, self.port)
         self.timeout = timeout
         self.max_reply_size = max_reply_size
+        self.deadlines = deadlines  # False once the server is known not to take them
         self._slots: list[_Connection | None] = [None] * connections
         self._connecting: list[asyncio.Future[_Connection] | None] = [None] * connections
         # One limit per connection: `max_in_flight` each, as documented.
@@ -260,8 +284,9 @@ class AsyncClient:
         """Send one request and return its reply; `timeout` overrides the client's."""
         data = to_bytes(message)
         limit = self.timeout if timeout is None else timeout
+        deadline = None if limit is None else asyncio.get_running_loop().time() + limit
         try:
-            status, body = await asyncio.wait_for(self._send(data), limit)
+            status, body = await asyncio.wait_for(self._send(data, deadline), limit)
         except asyncio.TimeoutError as exc:
             raise RequestTimeout(f"{self.where}: no reply within {limit}s") from exc
         if status is not Status.OK:
@@ -311,11 +336,11 @@ class AsyncClient:
                 return index
         return next(self._turn)
 
-    async def _send(self, data: bytes) -> tuple[Status, bytes]:
+    async def _send(self, data: bytes, deadline: float | None) -> tuple[Status, bytes]:
         index = self._pick()
         async with self._room[index]:
             conn = await self._connection(index)
-            return await conn.send(data)
+            return await conn.send(data, deadline)
 
     async def _connection(self, index: int) -> _Connection:
         if self._closed:
@@ -346,10 +371,36 @@ class AsyncClient:
             self._slots[index] = conn
 
     async def _open(self) -> _Connection:
+        if self.deadlines:
+            conn = await self._connect(control=True)
+            try:
+                await self._greeted(conn)
+                return conn
+            except ConnectionFailed:
+                if not conn.session.may_fall_back:
+                    raise
+            # A server without control frames reset at our preamble, having
+            # read nothing: plain v2 from now on, if it answers that.
+            conn = await self._connect(control=False)
+            await self._greeted(conn)
+            self.deadlines = False
+            return conn
+        return await self._connect(control=False)
+
+    @staticmethod
+    async def _greeted(conn: _Connection) -> None:
+        """Wait for the server's preamble on `conn`; reset it if that fails or is cancelled."""
+        try:
+            await conn.greeting
+        except BaseException:
+            conn.close(reset=True)
+            raise
+
+    async def _connect(self, control: bool) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(
-                lambda: _Connection(self.where, self.max_reply_size), self.host, self.port
+                lambda: _Connection(self.where, self.max_reply_size, control), self.host, self.port
             )
         except OSError as exc:
             raise ConnectionFailed(f"{self.where}: cannot connect: {exc}") from exc

@@ -7,7 +7,9 @@ greenlets can wait on gaspar at once.
 - :func:`request` sends one request over a fresh connection, v1 by default, so
   it also works against servers that speak only the original protocol.
 - :class:`Client` keeps a small pool of persistent v2 connections: no TCP
-  connect per request, and failures arrive as typed exceptions.
+  connect per request, and failures arrive as typed exceptions.  Each request
+  carries its timeout as a deadline, and a request that times out is
+  cancelled (docs/protocol.md, "Control frames").
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ from .clientcore import (
     failure,
 )
 from .errors import ConnectionFailed, RequestFailed, RequestTimeout
-from .protocol import Status, pack, to_bytes
+from .protocol import ProtocolError, Status, pack, to_bytes
 
 __all__ = ["DEFAULT_MAX_REPLY_SIZE", "Client", "pack", "parse_address", "request"]
 
 _RECV_SIZE = 256 * 1024
+# A connection keeps at most this many cancelled requests whose replies have
+# not come back; past that (a server that does not answer) it is closed.
+_MAX_CANCELLED = 4
+
+
+class _FallBack(Exception):
+    """A connection opened with the control preamble ended before the server's preamble."""
 
 
 class _Deadline:
@@ -48,6 +57,10 @@ class _Deadline:
         self.timeout = timeout
         self.where = where
         self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left (negative once past), or None without a timeout."""
+        return None if self.at is None else self.at - time.monotonic()
 
     def left(self) -> float | None:
         if self.at is None:
@@ -125,33 +138,79 @@ def request(
 class _Connection:
     """One persistent v2 connection, used by one caller at a time."""
 
-    __slots__ = ("session", "sock")
+    __slots__ = ("reusable", "session", "sock")
 
-    def __init__(self, sock: socket.socket, max_reply_size: int | None) -> None:
+    def __init__(self, sock: socket.socket, max_reply_size: int | None, control: bool) -> None:
         self.sock = sock
-        self.session: ClientSession[bool] = ClientSession(max_reply_size)
+        self.session: ClientSession[bool] = ClientSession(max_reply_size, control=control)
+        self.reusable = False  # after a failed call: its cancel went out whole
 
     def usable(self) -> bool:
-        """False if the server has closed or reset it while it sat in the pool."""
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable  # an idle v2 connection has nothing to read but EOF or RST
+        """False if the server has closed or reset it while it sat in the pool.
+
+        Replies to cancelled requests may arrive meanwhile: they are read and
+        dropped here.  Anything else readable is an end of stream or a reset.
+        """
+        sock = self.sock
+        while True:
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                return False
+            if not readable:
+                return True
+            try:
+                sock.settimeout(0)
+                chunk = sock.recv(_RECV_SIZE)
+                if not chunk or self.session.receive(chunk):
+                    return False  # closed, or a reply nobody asked for
+            except BlockingIOError:
+                return True
+            except (OSError, ProtocolError):
+                return False
 
     def exchange(self, data: bytes, deadline: _Deadline) -> tuple[Status, bytes]:
         session = self.session
-        _, frames = session.send(True, data)
-        for frame in frames:
-            self.sock.settimeout(deadline.left())
-            self.sock.sendall(frame)
-        while True:
-            self.sock.settimeout(deadline.left())
-            chunk = self.sock.recv(_RECV_SIZE)
-            if not chunk:
-                raise ConnectionFailed(f"{deadline.where}: the server closed the connection")
-            for _, status, body in session.receive(chunk):
-                return status, body  # one request at a time: any other id is a ProtocolError
+        self.reusable = False
+        rid, frames = session.send(True, data, deadline.remaining())
+        sent = False
+        try:
+            for frame in frames:
+                self.sock.settimeout(deadline.left())
+                self.sock.sendall(frame)
+            sent = True
+            while True:
+                self.sock.settimeout(deadline.left())
+                chunk = self.sock.recv(_RECV_SIZE)
+                if not chunk:
+                    if session.may_fall_back:
+                        raise _FallBack
+                    raise ConnectionFailed(f"{deadline.where}: the server closed the connection")
+                for _, status, body in session.receive(chunk):
+                    return status, body  # one request at a time: any other id is a ProtocolError
+        except (TimeoutError, RequestTimeout):
+            if sent:
+                self.reusable = self._cancel(rid)
+            raise
+        except OSError as exc:
+            if session.may_fall_back:
+                raise _FallBack from exc
+            raise
+
+    def _cancel(self, rid: int) -> bool:
+        """Tell the server to drop `rid`, without waiting: True if the frame went out whole.
+
+        Then the connection stays usable: the server's one reply for `rid`
+        (CANCELLED, or its own) is dropped when it comes.
+        """
+        frame = self.session.cancel(rid)
+        if not frame or len(self.session) > _MAX_CANCELLED:
+            return False
+        try:
+            self.sock.settimeout(0)
+            return self.sock.send(frame) == len(frame)
+        except OSError:
+            return False
 
     def close(self) -> None:
         self.sock.close()
@@ -161,8 +220,15 @@ class Client:
     """A blocking v2 client: persistent connections, typed errors, thread- and green-safe.
 
     Each call takes an idle pooled connection, or opens one; at most
-    `pool_size` idle connections are kept.  A connection whose call failed in
-    any way is closed, never reused, so a late reply cannot reach another call.
+    `pool_size` idle connections are kept.  A request carries its timeout as a
+    deadline (with `deadlines`, the default): the server fails it with TIMEOUT
+    if no worker has taken it by then.  A call that times out cancels its
+    request, and its connection goes back to the pool if the cancel could be
+    written at once (the late reply is then dropped, as ids stay taken until
+    answered); a connection whose call failed in any other way is closed.
+    ``deadlines=False`` speaks plain v2: no deadlines, no cancels.  A server
+    without control frames is detected on the first connection (a reset
+    before its preamble: nothing ran) and spoken to in plain v2 from then on.
     """
 
     def __init__(
@@ -172,10 +238,12 @@ class Client:
         timeout: float | None = None,
         pool_size: int = 8,
         max_reply_size: int | None = DEFAULT_MAX_REPLY_SIZE,
+        deadlines: bool = True,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.where = format_address(self.host, self.port)
         self.timeout = timeout
+        self.deadlines = deadlines  # False once the server is known not to take them
         self.pool_size = pool_size
         self.max_reply_size = max_reply_size
         self._idle: list[_Connection] = []
@@ -188,16 +256,30 @@ class Client:
         deadline = _Deadline(self.timeout if timeout is None else timeout, self.where)
         conn = self._checkout(deadline)
         try:
-            status, body = _translate(
-                self.where, lambda: conn.exchange(data, deadline), ConnectionFailed
-            )
+            try:
+                status, body = self._exchange(conn, data, deadline)
+            except _FallBack:
+                # A server without control frames reset at our preamble: nothing
+                # ran.  Once more in plain v2; if that is answered, stay plain.
+                conn.close()
+                conn = self._open(deadline, control=False)
+                status, body = self._exchange(conn, data, deadline)
+                self.deadlines = False
         except BaseException:
-            conn.close()
+            if conn.reusable:
+                self._checkin(conn)
+            else:
+                conn.close()
             raise
         self._checkin(conn)
         if status is not Status.OK:
             raise failure(status, body, self.where)
         return body
+
+    def _exchange(
+        self, conn: _Connection, data: bytes, deadline: _Deadline
+    ) -> tuple[Status, bytes]:
+        return _translate(self.where, lambda: conn.exchange(data, deadline), ConnectionFailed)
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call a task of a :class:`gaspar.App` (needs msgpack); the client's timeout applies."""
@@ -233,13 +315,17 @@ class Client:
             if conn.usable():
                 return conn
             conn.close()
+        return self._open(deadline, self.deadlines)
+
+    def _open(self, deadline: _Deadline, control: bool) -> _Connection:
         sock = _connect(self.host, self.port, deadline)
+        conn = _Connection(sock, self.max_reply_size, control)
         try:
-            sock.sendall(ClientSession.PREAMBLE)
+            sock.sendall(conn.session.preamble)
         except OSError as exc:
             sock.close()
             raise ConnectionFailed(f"{self.where}: connection failed: {exc}") from exc
-        return _Connection(sock, self.max_reply_size)
+        return conn
 
     def _checkin(self, conn: _Connection) -> None:
         with self._lock:

@@ -9,7 +9,8 @@ reads, and reports how the stream ended.
 - :class:`V1Exchange`: one v1 request and its reply (bytes out, bytes in, the
   reply once the stream ends, or the failure a pending reset means).
 - :class:`ClientSession`: the client side of one v2 connection: request ids,
-  frames out, replies in, late replies dropped.
+  frames out (with a deadline, and cancels, on a control connection), replies
+  in, late replies dropped.
 - :func:`failure`, :func:`as_request_failed`: statuses and socket or framing
   errors as typed exceptions; messages name the server as
   :func:`gaspar.address.format_address` prints it (``[::1]:port``).
@@ -20,6 +21,7 @@ reads, and reports how the stream ended.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 from typing import Generic, TypeVar
@@ -37,6 +39,8 @@ from .errors import (
 )
 from .protocol import (
     MAGIC_V2,
+    MAGIC_V2_CONTROL,
+    MAX_DEADLINE_MS,
     MAX_REQUEST_ID,
     REQUEST_V2,
     SPLIT_WRITE,
@@ -46,6 +50,8 @@ from .protocol import (
     ReplyReaderV2,
     Status,
     pack,
+    pack_cancel_v2,
+    timed_header_v2,
 )
 
 __all__ = [
@@ -62,6 +68,7 @@ __all__ = [
     "as_request_failed",
     "check_protocol",
     "classify",
+    "deadline_ms",
     "failure",
 ]
 
@@ -87,6 +94,18 @@ STATUS_KINDS: dict[Status, str] = {status: status.name.lower() for status in EXC
 TRANSPORT_KINDS = ("reset", "refused")
 #: The detail :func:`classify` gives a reply above the client's limit (kind ``too_large``).
 REPLY_TOO_LARGE = "reply too large"
+
+
+def deadline_ms(timeout: float | None) -> int | None:
+    """A timeout in seconds as the deadline a request carries: whole ms, rounded up.
+
+    None for no timeout, or one above :data:`gaspar.protocol.MAX_DEADLINE_MS`
+    (about 4.66 hours), which is sent as no deadline; 0 once it has passed.
+    """
+    if timeout is None:
+        return None
+    ms = math.ceil(timeout * 1000) if timeout > 0 else 0
+    return ms if ms <= MAX_DEADLINE_MS else None
 
 
 def check_protocol(protocol: str) -> None:
@@ -257,29 +276,68 @@ class RequestIds(Generic[W]):
 class ClientSession(Generic[W]):
     """The client side of one v2 connection, without I/O (in h11's spirit).
 
-    Write :data:`PREAMBLE` first; :meth:`send` turns a request into an id and
+    Write :attr:`preamble` first; :meth:`send` turns a request into an id and
     the buffers to write; :meth:`receive` turns bytes read into (waiter,
     status, body) for the replies that someone still waits for.  A waiter is
-    whatever the driver matches a reply with (a future, a flag).  New frames
-    (a cancel, a deadline) belong here, as methods that return bytes to write.
+    whatever the driver matches a reply with (a future, a flag).
+
+    With ``control=True`` the preamble is :data:`gaspar.protocol.MAGIC_V2_CONTROL`:
+    :meth:`send` gives a request its deadline and :meth:`cancel` returns the
+    frame that tells the server to drop one.  A server without control frames
+    resets such a connection before its preamble, having read no frame:
+    :attr:`may_fall_back` then says that what was sent never ran, and the
+    driver reopens with the plain preamble.
     """
 
-    __slots__ = ("ids", "reader")
+    __slots__ = ("control", "ids", "preamble", "reader")
 
     PREAMBLE = MAGIC_V2
 
-    def __init__(self, max_reply_size: int | None, ids: RequestIds[W] | None = None) -> None:
-        self.reader = ReplyReaderV2(max_reply_size)
+    def __init__(
+        self,
+        max_reply_size: int | None,
+        ids: RequestIds[W] | None = None,
+        *,
+        control: bool = False,
+    ) -> None:
+        self.control = control
+        self.preamble = MAGIC_V2_CONTROL if control else MAGIC_V2
+        self.reader = ReplyReaderV2(max_reply_size, self.preamble)
         self.ids: RequestIds[W] = RequestIds() if ids is None else ids
 
     def __len__(self) -> int:
         """Ids taken: requests in flight, and given up on but not answered yet."""
         return len(self.ids)
 
-    def send(self, waiter: W, payload: bytes) -> tuple[int, list[bytes]]:
-        """Frame `payload` for `waiter`: its id, and one buffer or (when large) two to write."""
+    @property
+    def greeted(self) -> bool:
+        """True once the server's preamble has arrived."""
+        return self.reader.greeted
+
+    @property
+    def may_fall_back(self) -> bool:
+        """True if the connection ended now would mean a server without control frames.
+
+        Such a server resets at the control preamble and reads no frame, so
+        every request sent on the connection is safe to send again.
+        """
+        return self.control and not self.reader.greeted
+
+    def send(
+        self, waiter: W, payload: bytes, timeout: float | None = None
+    ) -> tuple[int, list[bytes]]:
+        """Frame `payload` for `waiter`: its id, and one buffer or (when large) two to write.
+
+        On a control connection the request carries `timeout` (seconds left)
+        as its deadline: the server fails it with TIMEOUT if it is still
+        queued then.  Elsewhere `timeout` is not sent.
+        """
         rid = self.ids.open(waiter)
-        header = REQUEST_V2.pack(rid, len(payload))
+        ms = deadline_ms(timeout) if self.control else None
+        if ms is None:
+            header = REQUEST_V2.pack(rid, len(payload))
+        else:
+            header = timed_header_v2(rid, ms, len(payload))
         if len(payload) >= SPLIT_WRITE:
             return rid, [header, payload]  # no copy of a large payload
         return rid, [header + payload]
@@ -301,6 +359,17 @@ class ClientSession(Generic[W]):
     def abandon(self, rid: int) -> None:
         """The caller of `rid` stopped waiting (timeout, cancellation)."""
         self.ids.abandon(rid)
+
+    def cancel(self, rid: int) -> bytes:
+        """The caller of `rid` stopped waiting: the cancel frame to write, or b"".
+
+        The id stays taken until the server's one reply for it (CANCELLED, or
+        its own if it ended first) arrives, and that reply is dropped.  b"" on
+        a plain connection, or when `rid`'s reply has arrived already.
+        """
+        waiting = rid in self.ids.waiting
+        self.ids.abandon(rid)
+        return pack_cancel_v2(rid) if waiting and self.control else b""
 
     def close(self) -> list[W]:
         """The connection is gone: every waiter, to be failed."""

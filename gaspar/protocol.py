@@ -23,6 +23,9 @@ every client and a fuzzer share it.  Rules it keeps:
    shutting down, how replies are framed and bounded) live in one sans-I/O
    object, :class:`SessionV2`, which the server drives and tests and the
    fuzzer drive without sockets.
+6. Control frames (a request with a deadline, a cancel) exist only on a
+   connection opened with :data:`MAGIC_V2_CONTROL`; on one opened with
+   :data:`MAGIC_V2` every byte means what it meant before them.
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_PIPELINE",
     "HEADER_SIZE",
+    "CONTROL_BIT",
     "MAGIC_V2",
+    "MAGIC_V2_CONTROL",
+    "MAX_DEADLINE_MS",
     "MAX_LENGTH",
     "MAX_MESSAGE_SIZE_LIMIT",
     "LimitExceeded",
     "ProtocolError",
+    "Cancel",
     "Refused",
     "Reply",
     "ReplyReader",
@@ -51,9 +58,13 @@ __all__ = [
     "SPLIT_WRITE",
     "SessionV2",
     "Status",
+    "Timed",
     "pack",
+    "pack_cancel_v2",
     "pack_reply_v2",
     "pack_request_v2",
+    "pack_timed_request_v2",
+    "timed_header_v2",
     "to_bytes",
 ]
 
@@ -78,6 +89,18 @@ REQUEST_V2 = struct.Struct("!II")  # request id, payload length
 REPLY_V2 = struct.Struct("!IBI")  # request id, status, body length
 MAX_REQUEST_ID = 0xFFFFFFFF
 
+# The preamble of a v2 connection whose client may send control frames: the
+# version byte with its top bit set.  An older server reads it as a v1 length
+# above its limit and resets the connection before reading any frame.
+MAGIC_V2_CONTROL = b"\xffGS\x82"
+# On such a connection, a request header's length word with this bit set is a
+# control frame: kind in the next 7 bits, a 24-bit argument in the low bytes.
+CONTROL_BIT = 0x80000000
+KIND_CANCEL = 1  # id: the request to cancel; argument 0; nothing follows
+KIND_TIMED = 2  # argument: deadline in ms; a 4-byte payload length and the payload follow
+TIMED_V2 = struct.Struct("!III")  # id, 0x82000000 | deadline ms, payload length
+MAX_DEADLINE_MS = 0xFFFFFF  # about 4.66 hours; a longer deadline is sent as none
+
 
 class Status(enum.IntEnum):
     """How a request ended; carried in every v2 reply."""
@@ -90,6 +113,7 @@ class Status(enum.IntEnum):
     TOO_LARGE = 5
     BAD_REQUEST = 6
     SHUTTING_DOWN = 7
+    CANCELLED = 8  # sent only on control connections, in answer to a cancel
 
 
 class Request(NamedTuple):
@@ -97,6 +121,20 @@ class Request(NamedTuple):
 
     id: int
     payload: bytes | bytearray
+
+
+class Timed(NamedTuple):
+    """A complete v2 request with a deadline, `deadline_ms` after the server read it."""
+
+    id: int
+    payload: bytes
+    deadline_ms: int
+
+
+class Cancel(NamedTuple):
+    """The client no longer wants request `id` (which is in flight)."""
+
+    id: int
 
 
 class Refused(NamedTuple):
@@ -116,6 +154,8 @@ class Reply(NamedTuple):
 
 
 BytesLike = bytes | bytearray | memoryview
+#: What :meth:`SessionV2.receive_data` returns.
+Event = Request | Timed | Cancel | Refused
 
 
 class ProtocolError(ValueError):
@@ -313,6 +353,25 @@ def pack_request_v2(request_id: int, payload: bytes | bytearray | memoryview) ->
     return REQUEST_V2.pack(request_id, len(payload)) + payload
 
 
+def timed_header_v2(request_id: int, deadline_ms: int, length: int) -> bytes:
+    """The 12-byte header of a v2 request with a deadline (a control connection's frame)."""
+    if not 0 <= deadline_ms <= MAX_DEADLINE_MS:
+        raise ValueError(f"deadline_ms must be from 0 to {MAX_DEADLINE_MS}")
+    return TIMED_V2.pack(request_id, CONTROL_BIT | KIND_TIMED << 24 | deadline_ms, length)
+
+
+def pack_timed_request_v2(
+    request_id: int, deadline_ms: int, payload: bytes | bytearray | memoryview
+) -> bytes:
+    """Frame one v2 request with a deadline (a control connection's frame)."""
+    return timed_header_v2(request_id, deadline_ms, len(payload)) + payload
+
+
+def pack_cancel_v2(request_id: int) -> bytes:
+    """Frame one cancel of request `request_id` (a control connection's frame)."""
+    return REQUEST_V2.pack(request_id, CONTROL_BIT | KIND_CANCEL << 24)
+
+
 def pack_reply_v2(request_id: int, status: Status, body: bytes | bytearray | memoryview) -> bytes:
     """Frame one v2 reply."""
     return REPLY_V2.pack(request_id, status, len(body)) + body
@@ -358,14 +417,20 @@ class SessionV2:
        called again.  The caller stops reading meanwhile.
     6. Reply bodies of SPLIT_WRITE bytes or more are queued as their own
        buffer, after their header, never copied.
-
-    New kinds of frame (cancel, deadlines) are parsed in :meth:`_parse`.
+    7. After the :data:`MAGIC_V2_CONTROL` preamble (:attr:`control`), a
+       length word with :data:`CONTROL_BIT` set is a control frame: a request
+       with a deadline (a :class:`Timed` event, under the rules of a request)
+       or a cancel (a :class:`Cancel` event for an id in flight; ignored for
+       any other id: its one reply has gone already).  An unknown kind is a
+       :class:`ProtocolError`, since its size cannot be known.  After the
+       plain preamble those words mean a length, as they always did.
     """
 
     __slots__ = (
         "_buf",
         "_out",
         "_skip",
+        "control",
         "eof",
         "greeted",
         "held",
@@ -385,6 +450,7 @@ class SessionV2:
         self.max_pipeline = max_pipeline
         self.in_flight: set[int] = set()  # ids of the requests handed out, not yet answered
         self.greeted = False  # the client's preamble has arrived (ours is queued)
+        self.control = False  # ... and it was MAGIC_V2_CONTROL: control frames are allowed
         self.stopped = False  # stop(): refuse every new frame
         self.eof = False  # the client has half-closed: no more frames will come
         self.held = False  # complete frames wait unparsed behind a backlog (rule 5)
@@ -412,8 +478,8 @@ class SessionV2:
         """
         return not self.in_flight and (self.stopped or (self.eof and not self.held))
 
-    def receive_data(self, data: BytesLike) -> list[Request | Refused]:
-        """Consume `data`; return the requests to run and the refusals already answered."""
+    def receive_data(self, data: BytesLike) -> list[Event]:
+        """Consume `data`; return the requests to run, the cancels, and the refusals answered."""
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -422,16 +488,18 @@ class SessionV2:
         buf += data
         pos = 0
         if not self.greeted:
+            have = bytes(buf[:HEADER_SIZE])
             if len(buf) < HEADER_SIZE:
-                if MAGIC_V2[: len(buf)] != buf:
+                if MAGIC_V2[: len(buf)] != have and MAGIC_V2_CONTROL[: len(buf)] != have:
                     raise ProtocolError("malformed v2 preamble")
                 return []
-            if buf[:HEADER_SIZE] != MAGIC_V2:
+            if have not in (MAGIC_V2, MAGIC_V2_CONTROL):
                 raise ProtocolError("malformed v2 preamble")
             self.greeted = True
-            self._queue(MAGIC_V2)
+            self.control = have == MAGIC_V2_CONTROL
+            self._queue(have)  # the client's own preamble: it says we know its frames
             pos = HEADER_SIZE
-        events: list[Request | Refused] = []
+        events: list[Event] = []
         pos = self._parse(buf, pos, events)
         del buf[:pos]
         return events
@@ -455,28 +523,46 @@ class SessionV2:
         self.unsent = 0
         return out
 
-    def _parse(self, buf: bytearray, pos: int, events: list[Request | Refused]) -> int:
+    def _parse(self, buf: bytearray, pos: int, events: list[Event]) -> int:
         end = len(buf)
         in_flight, limit = self.in_flight, self.max_message_size
         # Slices of a view copy once; slices of the bytearray would copy twice.
         with memoryview(buf) as view:
             while end - pos >= REQUEST_V2.size and self.unsent < MAX_UNSENT:
                 request_id, length = REQUEST_V2.unpack_from(buf, pos)
-                if request_id in in_flight:
+                if request_id in in_flight and not (self.control and length & CONTROL_BIT):
                     raise ProtocolError(f"request id {request_id} reused while in flight")
-                if length > limit:
-                    self._refuse(
-                        events,
-                        request_id,
-                        Status.TOO_LARGE,
-                        f"request of {length} bytes exceeds the limit of {limit} bytes",
-                    )
-                    pos += REQUEST_V2.size
-                    dropped = min(length, end - pos)
-                    pos += dropped
-                    self._skip = length - dropped
-                    continue
+                deadline = -1
                 start = pos + REQUEST_V2.size
+                if length > limit:
+                    # A control frame is above every limit: parsed here, off the common path.
+                    if self.control and length & CONTROL_BIT:
+                        kind = length >> 24 & 0x7F
+                        if kind == KIND_CANCEL:
+                            pos = start
+                            if request_id in in_flight:
+                                events.append(Cancel(request_id))
+                            continue
+                        if kind != KIND_TIMED:
+                            raise ProtocolError(f"unknown control frame kind {kind}")
+                        if request_id in in_flight:
+                            raise ProtocolError(f"request id {request_id} reused while in flight")
+                        if end - pos < TIMED_V2.size:
+                            break
+                        deadline = length & MAX_DEADLINE_MS
+                        (length,) = HEADER.unpack_from(buf, start)
+                        start = pos + TIMED_V2.size
+                    if length > limit:
+                        self._refuse(
+                            events,
+                            request_id,
+                            Status.TOO_LARGE,
+                            f"request of {length} bytes exceeds the limit of {limit} bytes",
+                        )
+                        dropped = min(length, end - start)
+                        pos = start + dropped
+                        self._skip = length - dropped
+                        continue
                 if end - start < length:
                     break
                 pos = start + length
@@ -490,14 +576,15 @@ class SessionV2:
                     )
                 else:
                     in_flight.add(request_id)
-                    events.append(Request(request_id, bytes(view[start:pos])))
+                    if deadline < 0:
+                        events.append(Request(request_id, bytes(view[start:pos])))
+                    else:
+                        events.append(Timed(request_id, bytes(view[start:pos]), deadline))
         # Stopped by the backlog, not for want of bytes: the rest waits.
         self.held = self.unsent >= MAX_UNSENT and end - pos >= REQUEST_V2.size
         return pos
 
-    def _refuse(
-        self, events: list[Request | Refused], request_id: int, status: Status, message: str
-    ) -> None:
+    def _refuse(self, events: list[Event], request_id: int, status: Status, message: str) -> None:
         events.append(Refused(request_id, status, message))
         self._queue_reply(request_id, status, message.encode())
 
@@ -515,12 +602,17 @@ class SessionV2:
 
 
 class ReplyReaderV2:
-    """The client's parser for a v2 connection: the server's preamble, then replies."""
+    """The client's parser for a v2 connection: the server's preamble, then replies.
 
-    __slots__ = ("_buf", "greeted", "max_reply_size")
+    `preamble` is the one the client sent (:data:`MAGIC_V2`, or
+    :data:`MAGIC_V2_CONTROL`), which the server must answer with.
+    """
 
-    def __init__(self, max_reply_size: int | None = None) -> None:
+    __slots__ = ("_buf", "greeted", "max_reply_size", "preamble")
+
+    def __init__(self, max_reply_size: int | None = None, preamble: bytes = MAGIC_V2) -> None:
         self.max_reply_size = max_reply_size
+        self.preamble = preamble
         self.greeted = False
         self._buf = bytearray()
 
@@ -530,11 +622,14 @@ class ReplyReaderV2:
         buf += data
         pos, end = 0, len(buf)
         if not self.greeted:
+            preamble = self.preamble
             if end < HEADER_SIZE:
-                if MAGIC_V2[:end] != bytes(buf):
+                if preamble[:end] != bytes(buf):
                     raise ProtocolError("the server does not speak protocol v2")
                 return []
-            if buf[:HEADER_SIZE] != MAGIC_V2:
+            if buf[:HEADER_SIZE] != preamble:
+                if preamble == MAGIC_V2_CONTROL and buf[:HEADER_SIZE] == MAGIC_V2:
+                    raise ProtocolError("the server does not take control frames")
                 raise ProtocolError("the server does not speak protocol v2")
             self.greeted = True
             pos = HEADER_SIZE

@@ -44,6 +44,9 @@ from .dispatcher import Dispatcher, Job
 from .netutil import LINGER_RESET, reset, set_linger
 from .protocol import (
     MAGIC_V2,
+    MAGIC_V2_CONTROL,
+    Cancel,
+    Event,
     LimitExceeded,
     Limits,
     ProtocolError,
@@ -52,6 +55,7 @@ from .protocol import (
     RequestReader,
     SessionV2,
     Status,
+    Timed,
 )
 
 log = logging.getLogger("gaspar.server")
@@ -59,9 +63,16 @@ log = logging.getLogger("gaspar.server")
 # v1 states; a v2 connection is OPEN or CLOSING, and CLOSED once lost.
 READING, WAITING, WRITING, CLOSED = range(4)
 OPEN, CLOSING = READING, WRITING
-# The outcome counters' keys, computed once rather than per reply.
-KEYS = {status: status.name.lower() for status in Status}
+# The outcome counters' keys, computed once rather than per reply.  A cancel's
+# acknowledgment is counted apart (Server.cancelled): its request ended by the
+# client's choice, not with an outcome.
+KEYS: dict[Status, str] = {s: s.name.lower() for s in Status if s is not Status.CANCELLED}
+# The preambles that open a v2 connection (a v1 length never starts with 0xFF).
+PREAMBLES = (MAGIC_V2, MAGIC_V2_CONTROL)
 QUEUE_FULL_MESSAGE = b"server queue full"
+DEADLINE_MESSAGE = b"deadline passed before the request ran"
+CANCELLED_QUEUED_MESSAGE = b"cancelled before it ran"
+CANCELLED_RUNNING_MESSAGE = b"cancelled while running: its reply will be discarded"
 # SO_LINGER off: a close is a FIN after the data already written.
 _NO_LINGER = struct.pack("ii", 0, 0)
 
@@ -123,6 +134,8 @@ class Server:
         self.draining = False
         # How requests ended, by lower-case status name: every request counts once.
         self.requests: dict[str, int] = {key: 0 for key in KEYS.values()}
+        # Requests cancelled by their client (v2 control frames), queued or running.
+        self.cancelled = 0
         # v2 connections with replies waiting to be written, all in one go.
         self._unflushed: list[V2Connection] = []
         dispatcher.on_replies = self.flush
@@ -319,7 +332,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
                     self.head = data
                     return
                 self.head = b""
-            if data[:4] == MAGIC_V2:
+            if data[0] == 0xFF and data[:4] in PREAMBLES:
                 self._become_v2(data)
                 return
         try:
@@ -459,13 +472,15 @@ class V1Connection(_Deadline, asyncio.Protocol):
 class V2Connection(_Deadline, asyncio.Protocol):
     """One v2 connection: the asyncio side of a :class:`gaspar.protocol.SessionV2`."""
 
-    __slots__ = ("flushing", "jobs", "paused", "session", "state", "write_paused")
+    __slots__ = ("flushing", "jobs", "paused", "session", "state", "timers", "write_paused")
 
     def __init__(self, server: Server, transport: asyncio.Transport) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = transport
         self.session = SessionV2(server.limits.max_message_size, server.limits.max_pipeline)
         self.jobs: dict[int, Job] = {}  # requests in flight, by id
+        # Deadlines of the queued requests that carry one, by id (loop timers).
+        self.timers: dict[int, asyncio.TimerHandle] = {}
         self.state = OPEN
         self.paused = False  # we stopped reading (back-pressure, backlog, or stopping)
         self.flushing = False  # the server will call flush()
@@ -573,13 +588,12 @@ class V2Connection(_Deadline, asyncio.Protocol):
 
     # -- requests and replies ----------------------------------------------------
 
-    def _handle(self, events: list[Request | Refused]) -> None:
+    def _handle(self, events: list[Event]) -> None:
         server = self.server
-        dispatcher, requests, jobs = server.dispatcher, server.requests, self.jobs
+        dispatcher, jobs = server.dispatcher, self.jobs
         for event in events:
-            if isinstance(event, Refused):
-                requests[KEYS[event.status]] += 1
-                self.client_error(f"refused request {event.id}: {event.message}")
+            if not isinstance(event, Request):
+                self._control(event)
                 continue
             rid = event.id
             job = dispatcher.submit(event.payload, partial(self._outcome, rid))
@@ -591,11 +605,85 @@ class V2Connection(_Deadline, asyncio.Protocol):
         if self.session.unsent:
             self._want_flush()  # our preamble, refusals
 
+    def _control(self, event: Timed | Cancel | Refused) -> None:
+        """The events other than a plain request: refusals, deadlines and cancels."""
+        if isinstance(event, Refused):
+            self.server.requests[KEYS[event.status]] += 1
+            self.client_error(f"refused request {event.id}: {event.message}")
+        elif isinstance(event, Timed):
+            self._timed(event)
+        else:
+            self._cancel(event.id)
+
+    def _timed(self, event: Timed) -> None:
+        """A request with a deadline: queued past it, it fails with TIMEOUT, never run.
+
+        A loop timer per such request (call_at), not the server's sweep: the
+        sweep runs every quarter second, which would let a 1 s deadline start
+        a job a quarter late.  Only a request that found no idle worker gets a
+        timer, and its reply cancels it.
+        """
+        server, rid = self.server, event.id
+        if event.deadline_ms == 0:
+            self._reply(rid, Status.TIMEOUT, DEADLINE_MESSAGE)
+            return
+        dispatcher = server.dispatcher
+        job = dispatcher.submit(event.payload, partial(self._timed_outcome, rid))
+        if job is None:
+            server.queue_full(dispatcher.max_queue)
+            self._reply(rid, Status.OVERLOADED, QUEUE_FULL_MESSAGE)
+            return
+        self.jobs[rid] = job
+        if job.worker is None:
+            loop = server.loop
+            at = loop.time() + event.deadline_ms / 1000
+            self.timers[rid] = loop.call_at(at, self._expire, rid, job)
+
+    def _timed_outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
+        timer = self.timers.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        self._outcome(rid, status, data)
+
+    def _expire(self, rid: int, job: Job) -> None:
+        """A request's deadline passed: fail it with TIMEOUT if no worker has it yet."""
+        self.timers.pop(rid, None)
+        if self.state != OPEN or self.jobs.get(rid) is not job or job.worker is not None:
+            return  # answered, cancelled, or started: a started job runs on
+        del self.jobs[rid]
+        self.server.dispatcher.cancel(job)
+        self._reply(rid, Status.TIMEOUT, DEADLINE_MESSAGE)
+        self._ended()
+
+    def _cancel(self, rid: int) -> None:
+        """The client cancelled `rid`: drop it if queued, discard its reply if running.
+
+        Either way the acknowledgment (CANCELLED) is its one reply, sent now:
+        from the client's receiving it, the id is free.
+        """
+        job = self.jobs.pop(rid, None)
+        if job is None:
+            return  # refused in the same read: its reply is queued already
+        timer = self.timers.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        running = job.worker is not None
+        self.server.dispatcher.cancel(job)
+        self.server.cancelled += 1
+        message = CANCELLED_RUNNING_MESSAGE if running else CANCELLED_QUEUED_MESSAGE
+        self.session.reply(rid, Status.CANCELLED, message)
+        self._want_flush()
+        self._ended()
+
     def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
         self.jobs.pop(rid, None)
         if self.state != OPEN:
             return
         self._reply(rid, status, data)
+        self._ended()
+
+    def _ended(self) -> None:
+        """A request was answered: close if that was the last, or set the idle timer."""
         if self.session.finished:
             self._maybe_close()
         elif not self.jobs:
@@ -702,6 +790,10 @@ class V2Connection(_Deadline, asyncio.Protocol):
             self.server.idle.pop(self, None)
 
     def _cancel_jobs(self) -> None:
+        if self.timers:
+            for timer in self.timers.values():
+                timer.cancel()
+            self.timers.clear()
         if self.jobs:
             dispatcher = self.server.dispatcher
             jobs, self.jobs = self.jobs, {}

@@ -12,15 +12,19 @@ import pytest
 
 import gaspar
 from gaspar import aio, clientcore
-from gaspar.clientcore import ClientSession, RequestIds, V1Exchange, classify
+from gaspar.clientcore import ClientSession, RequestIds, V1Exchange, classify, deadline_ms
 from gaspar.protocol import (
     MAGIC_V2,
+    MAGIC_V2_CONTROL,
+    MAX_DEADLINE_MS,
     REQUEST_V2,
     SPLIT_WRITE,
     LimitExceeded,
     ProtocolError,
     Status,
+    pack_cancel_v2,
     pack_reply_v2,
+    pack_timed_request_v2,
 )
 
 
@@ -59,6 +63,40 @@ def test_session_splits_large_frames_and_enforces_the_reply_limit() -> None:
     assert frames == [REQUEST_V2.pack(rid, len(payload)), payload]
     with pytest.raises(LimitExceeded):
         session.receive(MAGIC_V2 + pack_reply_v2(rid, Status.OK, b"r" * 11))
+
+
+def test_deadline_ms_rounds_up_and_drops_what_the_wire_cannot_carry() -> None:
+    assert deadline_ms(None) is None
+    assert deadline_ms(0.0001) == 1 and deadline_ms(1.5) == 1500
+    assert deadline_ms(0) == 0 and deadline_ms(-3) == 0  # passed: TIMEOUT at once
+    assert deadline_ms(MAX_DEADLINE_MS / 1000) == MAX_DEADLINE_MS
+    assert deadline_ms(MAX_DEADLINE_MS / 1000 + 1) is None  # sent as no deadline
+
+
+def test_control_session_sends_deadlines_and_cancels() -> None:
+    session: ClientSession[str] = ClientSession(100, control=True)
+    assert session.preamble == MAGIC_V2_CONTROL and session.may_fall_back
+    a, frames = session.send("a", b"one", 2.0)
+    assert frames == [pack_timed_request_v2(a, 2000, b"one")]
+    b, frames = session.send("b", b"two")  # no timeout: a plain request
+    assert frames == [REQUEST_V2.pack(b, 3) + b"two"]
+    assert session.cancel(a) == pack_cancel_v2(a)
+    assert session.cancel(a) == b""  # once
+    assert len(session) == 2  # a's id is taken until its one reply comes
+    data = MAGIC_V2_CONTROL + pack_reply_v2(a, Status.CANCELLED, b"cancelled")
+    assert session.receive(data) == [] and not session.may_fall_back
+    assert len(session) == 1
+    assert session.receive(pack_reply_v2(b, Status.OK, b"2")) == [("b", Status.OK, b"2")]
+    assert session.cancel(b) == b""  # answered already: nothing to cancel
+
+
+def test_plain_session_sends_neither() -> None:
+    session: ClientSession[str] = ClientSession(100)
+    a, frames = session.send("a", b"one", 2.0)
+    assert frames == [REQUEST_V2.pack(a, 3) + b"one"]
+    assert session.cancel(a) == b"" and not session.may_fall_back
+    with pytest.raises(ProtocolError, match="control frames"):  # a server that ignored ours
+        ClientSession(100, control=True).receive(MAGIC_V2)
 
 
 def test_request_ids_wrap_around_taken_ones() -> None:

@@ -128,13 +128,26 @@ def test_client_overloaded_and_shutting_down(serve) -> None:
 
 
 def test_client_timeout_closes_the_connection_and_recovers(producer) -> None:
-    with Client(producer.address) as client:
+    # Plain v2 (no cancel): the reply may still come, so that socket is never reused.
+    with Client(producer.address, deadlines=False) as client:
         started = time.monotonic()
         with pytest.raises(gaspar.RequestTimeout):
             client.request(b"sleep:0.8", timeout=0.2)
         assert time.monotonic() - started < 2
-        assert client._idle == []  # its reply may still come: never reuse that socket
+        assert client._idle == []
         assert client.request(b"echo:next", timeout=10) == b"next"
+
+
+def test_client_timeout_cancels_and_keeps_the_connection(producer) -> None:
+    # With control frames the timed-out request is cancelled: the server's one
+    # reply for its id (CANCELLED) is dropped, and the connection serves on.
+    with Client(producer.address) as client:
+        with pytest.raises(gaspar.RequestTimeout):
+            client.request(b"sleep:0.8", timeout=0.2)
+        (conn,) = client._idle
+        assert client.request(b"echo:next", timeout=10) == b"next"
+        assert client._idle == [conn]
+        assert len(conn.session) == 0  # the cancelled id was answered and is free
 
 
 def test_client_replaces_a_connection_the_server_closed(serve) -> None:
@@ -257,10 +270,16 @@ def test_async_client_typed_errors_leave_it_usable(producer) -> None:
 
 
 def test_cancelled_request_never_gets_delivered_to_another_caller(producer) -> None:
-    """With 4 ids, requests reuse every id but the abandoned one until its late reply."""
+    """With 4 ids, requests reuse every id but the abandoned one until its late reply.
+
+    Plain v2 (no cancel frame), so the late reply is the request's own, 0.5 s on;
+    tests/test_deadlines.py has the cancelled case.
+    """
 
     async def main() -> None:
-        async with aio.AsyncClient(producer.address, timeout=10, max_in_flight=3) as client:
+        async with aio.AsyncClient(
+            producer.address, timeout=10, max_in_flight=3, deadlines=False
+        ) as client:
             assert await client.request(b"echo:open") == b"open"
             (conn,) = [c for c in client._slots if c is not None]
             ids = conn.session.ids = RequestIds(4)  # a small id space: ids wrap at once

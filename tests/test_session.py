@@ -10,16 +10,22 @@ from hypothesis import strategies as st
 
 from gaspar.protocol import (
     MAGIC_V2,
+    MAGIC_V2_CONTROL,
+    MAX_DEADLINE_MS,
     MAX_UNSENT,
     REPLY_V2,
     SPLIT_WRITE,
+    Cancel,
     ProtocolError,
     Refused,
     ReplyReaderV2,
     Request,
     SessionV2,
     Status,
+    Timed,
+    pack_cancel_v2,
     pack_request_v2,
+    pack_timed_request_v2,
 )
 
 
@@ -160,17 +166,33 @@ def test_eof_waits_for_in_flight_and_held_frames_but_not_a_truncated_one() -> No
 # -- fuzz ------------------------------------------------------------------------------
 
 frames = st.lists(
-    st.tuples(st.integers(0, 12), st.binary(max_size=60)),  # few ids: reuse in flight happens
+    st.tuples(
+        st.sampled_from(["request", "request", "timed", "cancel"]),
+        st.integers(0, 12),  # few ids: reuse in flight happens
+        st.binary(max_size=60),
+        st.integers(0, MAX_DEADLINE_MS),
+    ),
     max_size=12,
 )
 
 
 @st.composite
 def v2_streams(draw: st.DrawFn) -> bytes:
-    """A preamble then frames (some oversized, the last maybe truncated), now and then corrupted."""
-    data = bytearray(MAGIC_V2)
-    for rid, body in draw(frames):
-        data += pack_request_v2(rid, body)
+    """A preamble then frames (some oversized, the last maybe truncated), now and then corrupted.
+
+    After the control preamble, frames include requests with a deadline and
+    cancels; after the plain one the same bytes must mean lengths, as before.
+    """
+    data = bytearray(draw(st.sampled_from([MAGIC_V2, MAGIC_V2_CONTROL])))
+    sent: list[int] = []
+    for kind, rid, body, ms in draw(frames):
+        if kind == "timed":
+            data += pack_timed_request_v2(rid, ms, body)
+        elif kind == "cancel":  # mostly of an id sent before, which may be in flight
+            data += pack_cancel_v2(sent[rid % len(sent)] if sent and rid % 4 else rid)
+        else:
+            data += pack_request_v2(rid, body)
+        sent.append(rid)
     if draw(st.booleans()):  # a last frame cut short, or declaring a huge length
         length = draw(st.integers(0, 2**32 - 1))
         data += struct.pack("!II", draw(st.integers(0, 12)), length)
@@ -182,7 +204,7 @@ def v2_streams(draw: st.DrawFn) -> bytes:
 
 
 streams = st.one_of(v2_streams(), v2_streams(), v2_streams(), st.binary(max_size=200))
-seen = {"inputs": 0, "v2": 0, "requests": 0}
+seen = {"inputs": 0, "v2": 0, "requests": 0, "timed": 0, "cancels": 0}
 
 
 @settings(max_examples=400, deadline=None)
@@ -196,23 +218,38 @@ def fuzz_session(data: bytes, cuts: list[int], answer: list[bool], stop_at: int)
     """Any bytes: events, NEED_DATA, or ProtocolError; replies always parse and match ids."""
     limit = 30
     session = SessionV2(max_message_size=limit, max_pipeline=3)
-    reader = ReplyReaderV2()
+    control = data.startswith(MAGIC_V2_CONTROL)
+    reader = ReplyReaderV2(preamble=MAGIC_V2_CONTROL if control else MAGIC_V2)
     asked: set[int] = set()  # ids handed out, not yet answered: what the session tracks
     answered: list[tuple[int, Status]] = []
     expected: list[tuple[int, Status]] = []
     choices = iter(answer)
+    cancels: list[int] = []
     seen["inputs"] += 1
     try:
         for n, piece in enumerate(pieces(data, cuts)):
             if n == stop_at:
                 session.stop()
             for event in session.receive_data(piece):
-                if isinstance(event, Request):
+                if isinstance(event, Request | Timed):
                     assert len(event.payload) <= limit and event.id not in asked
                     asked.add(event.id)
                     seen["requests"] += 1
+                    if isinstance(event, Timed):
+                        assert control and 0 <= event.deadline_ms <= MAX_DEADLINE_MS
+                        seen["timed"] += 1
+                elif isinstance(event, Cancel):
+                    assert control
+                    cancels.append(event.id)
                 else:
                     expected.append((event.id, event.status))
+            for rid in cancels:  # answered after the read, as the server does
+                seen["cancels"] += 1
+                if rid in asked:  # else cancelled twice in one read: ignored
+                    session.reply(rid, Status.CANCELLED, b"cancelled")
+                    asked.discard(rid)
+                    expected.append((rid, Status.CANCELLED))
+            cancels.clear()
             assert session.in_flight == asked and len(asked) <= 3
             for rid in sorted(asked):
                 if next(choices, True):
@@ -239,6 +276,10 @@ def test_session_fuzz_reaches_v2() -> None:
     # leave room for hypothesis's randomness and still fail a fuzz that stalls.
     assert v2 >= inputs // 3, f"only {v2} of {inputs} inputs got past the preamble"
     assert seen["requests"] - before["requests"] >= inputs // 8
+    # Control frames, in half the streams: seen 9-70 timed requests and 3-29
+    # cancels in 400 inputs; at least one of each must come through.
+    assert seen["timed"] - before["timed"] >= 1
+    assert seen["cancels"] - before["cancels"] >= 1
 
 
 def test_reserved_lengths_are_refused_as_too_large() -> None:
@@ -246,3 +287,29 @@ def test_reserved_lengths_are_refused_as_too_large() -> None:
     (event,) = session.receive_data(MAGIC_V2 + struct.pack("!II", 4, 2**31))
     assert isinstance(event, Refused) and event.status is Status.TOO_LARGE
     assert session.in_frame  # its declared payload is being skipped
+
+
+def test_control_frames_only_after_the_control_preamble() -> None:
+    plain = SessionV2()
+    (event,) = plain.receive_data(MAGIC_V2 + pack_timed_request_v2(1, 5, b"x"))
+    assert isinstance(event, Refused) and event.status is Status.TOO_LARGE
+    control = SessionV2()
+    events = control.receive_data(MAGIC_V2_CONTROL + pack_timed_request_v2(1, 5, b"x"))
+    assert events == [Timed(1, b"x", 5)]
+    assert control.data_to_send() == [MAGIC_V2_CONTROL]  # the client's preamble, answered
+    assert control.receive_data(pack_cancel_v2(1) + pack_cancel_v2(2)) == [Cancel(1)]
+    with pytest.raises(ProtocolError):  # a timed request may not reuse an id in flight
+        control.receive_data(pack_timed_request_v2(1, 5, b"y"))
+
+
+def test_control_frames_arrive_byte_by_byte() -> None:
+    session = SessionV2()
+    data = MAGIC_V2_CONTROL + pack_timed_request_v2(7, 1000, b"abc") + pack_cancel_v2(7)
+    events = [e for i in range(len(data)) for e in session.receive_data(data[i : i + 1])]
+    assert events == [Timed(7, b"abc", 1000), Cancel(7)]
+    assert not session.in_frame
+
+
+def test_unknown_control_kind_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        SessionV2().receive_data(MAGIC_V2_CONTROL + struct.pack("!II", 1, 0x85000000))
