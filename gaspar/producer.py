@@ -251,8 +251,8 @@ class Producer:
 
         ``requests`` maps each outcome's lower-case status name (``ok``,
         ``handler_error``, ``timeout``, ``worker_lost``, ``overloaded``,
-        ``too_large``, ``bad_request``, ``shutting_down``) to how many requests
-        ended so; ``queued`` are waiting for a worker, ``in_flight`` running in
+        ``too_large``, ``bad_request``, ``shutting_down``, ``cancelled``) to how
+        many requests ended so; ``queued`` are waiting for a worker, ``in_flight`` running in
         one; ``workers`` are ready or busy; ``batches`` were sent so far;
         ``connections`` are open.
         """

@@ -63,10 +63,10 @@ log = logging.getLogger("gaspar.server")
 # v1 states; a v2 connection is OPEN or CLOSING, and CLOSED once lost.
 READING, WAITING, WRITING, CLOSED = range(4)
 OPEN, CLOSING = READING, WRITING
-# The outcome counters' keys, computed once rather than per reply.  A cancel's
-# acknowledgment is counted apart (Server.cancelled): its request ended by the
-# client's choice, not with an outcome.
-KEYS: dict[Status, str] = {s: s.name.lower() for s in Status if s is not Status.CANCELLED}
+# The outcome counters' keys, computed once rather than per reply.  A request
+# that its client cancelled counts once, as "cancelled" (its later reply, if it
+# was running, is discarded uncounted).
+KEYS: dict[Status, str] = {s: s.name.lower() for s in Status}
 # The preambles that open a v2 connection (a v1 length never starts with 0xFF).
 PREAMBLES = (MAGIC_V2, MAGIC_V2_CONTROL)
 QUEUE_FULL_MESSAGE = b"server queue full"
@@ -134,8 +134,6 @@ class Server:
         self.draining = False
         # How requests ended, by lower-case status name: every request counts once.
         self.requests: dict[str, int] = {key: 0 for key in KEYS.values()}
-        # Requests cancelled by their client (v2 control frames), queued or running.
-        self.cancelled = 0
         # v2 connections with replies waiting to be written, all in one go.
         self._unflushed: list[V2Connection] = []
         dispatcher.on_replies = self.flush
@@ -669,10 +667,8 @@ class V2Connection(_Deadline, asyncio.Protocol):
             timer.cancel()
         running = job.worker is not None
         self.server.dispatcher.cancel(job)
-        self.server.cancelled += 1
         message = CANCELLED_RUNNING_MESSAGE if running else CANCELLED_QUEUED_MESSAGE
-        self.session.reply(rid, Status.CANCELLED, message)
-        self._want_flush()
+        self._reply(rid, Status.CANCELLED, message)
         self._ended()
 
     def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:

@@ -165,7 +165,9 @@ def test_cancel_of_a_queued_request_drops_it(one_worker, rec) -> None:
     finally:
         c.close()
     assert rec.ran() == ["hold", "reused"]
-    assert one_worker.stats()["queued"] == 0
+    stats = one_worker.stats()
+    assert stats["queued"] == 0 and stats["requests"]["cancelled"] == 2
+    assert stats["requests"]["ok"] == 2  # each request counted once
 
 
 def test_cancel_of_a_running_request_discards_its_reply(one_worker, rec) -> None:

@@ -77,6 +77,7 @@ def test_stats_count_each_outcome_over_v2(serve) -> None:
         "too_large": 0,
         "bad_request": 0,
         "shutting_down": 0,
+        "cancelled": 0,
     }
     assert (stats["queued"], stats["in_flight"], stats["workers"]) == (0, 0, 1)
     assert wait_until(lambda: producer.stats()["connections"] == 0, timeout=10)
