@@ -23,6 +23,7 @@ import gaspar
 from gaspar import aio
 from gaspar.protocol import Status
 from tests.conftest import wait_until
+from tests.test_v2 import MinimalClient
 
 PLAIN = b"\xffGS\x02"
 CONTROL = b"\xffGS\x82"
@@ -44,17 +45,11 @@ def record(message: bytes) -> bytes:
     return tag.encode()
 
 
-class ControlClient:
+class ControlClient(MinimalClient):
     """A v2 client that opens with the control preamble and sends control frames."""
 
     def __init__(self, address: tuple[str, int], preamble: bytes = CONTROL) -> None:
-        self.sock = socket.create_connection(address, timeout=10)
-        self.sock.sendall(preamble)
-        self.buf = b""
-        assert self._exactly(4) == preamble
-
-    def send(self, rid: int, payload: bytes) -> None:
-        self.sock.sendall(struct.pack("!II", rid, len(payload)) + payload)
+        super().__init__(address, preamble=preamble)
 
     def send_timed(self, rid: int, ms: int, payload: bytes) -> None:
         self.sock.sendall(struct.pack("!III", rid, 0x82000000 | ms, len(payload)) + payload)
@@ -64,20 +59,7 @@ class ControlClient:
 
     def reply(self, timeout: float = 10) -> tuple[int, int, bytes]:
         self.sock.settimeout(timeout)
-        rid, status, length = struct.unpack("!IBI", self._exactly(9))
-        return rid, status, self._exactly(length)
-
-    def _exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
+        return super().reply()
 
 
 class Record:

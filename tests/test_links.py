@@ -35,9 +35,9 @@ from gaspar.links import LocalLink
 from gaspar.protocol import Status
 from tests import handlers
 from tests.conftest import alive, wait_until
+from tests.test_batches import submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-Outcome = tuple[Status, bytes]
 
 # -- frames ---------------------------------------------------------------------
 
@@ -160,17 +160,6 @@ async def local(workers: int = 1) -> AsyncIterator[tuple[Dispatcher, list[Peer],
         for peer in peers:
             peer.close()
         disp.close()
-
-
-def submit(disp: Dispatcher, payloads: list[bytes]) -> list[asyncio.Future[Outcome]]:
-    loop = asyncio.get_running_loop()
-    futures: list[asyncio.Future[Outcome]] = []
-    for payload in payloads:
-        fut: asyncio.Future[Outcome] = loop.create_future()
-        futures.append(fut)
-        job = disp.submit(payload, lambda s, d, f=fut: f.set_result((s, bytes(d))))
-        assert job is not None
-    return futures
 
 
 @pytest.mark.timeout(20)

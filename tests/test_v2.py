@@ -23,11 +23,13 @@ PREAMBLE = b"\xffGS\x02"
 class MinimalClient:
     """A v2 client from the spec page: preamble, request frames, reply frames."""
 
-    def __init__(self, address: tuple[str, int], timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: tuple[str, int], timeout: float = 10.0, preamble: bytes = PREAMBLE
+    ) -> None:
         self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.sendall(PREAMBLE)
+        self.sock.sendall(preamble)
         self.buf = b""
-        assert self._exactly(4) == PREAMBLE
+        assert self._exactly(4) == preamble
 
     def send(self, request_id: int, payload: bytes) -> None:
         self.sock.sendall(struct.pack("!II", request_id, len(payload)) + payload)
