@@ -80,7 +80,7 @@ class Job:
 class WorkerSlot:
     """What the dispatcher knows of one worker: its link, the link's key for it, its jobs."""
 
-    __slots__ = ("batch", "doomed", "host", "job", "key", "link", "pid")
+    __slots__ = ("batch", "doomed", "host", "job", "key", "leaving", "link", "pid")
 
     def __init__(self, link: WorkerLink, key: object, pid: int, host: str) -> None:
         self.link = link
@@ -93,6 +93,9 @@ class WorkerSlot:
         self.batch: deque[Job] = deque()
         # Taken out of service (killed, lost, retiring): its replies are dropped.
         self.doomed = False
+        # It said GOODBYE: it gets nothing more, and leaves the pool once it has
+        # answered what it holds.
+        self.leaving = False
 
 
 class Dispatcher:
@@ -125,12 +128,12 @@ class Dispatcher:
     def ready_workers(self) -> int:
         """Workers that said READY and are not known to be dead or doomed."""
         slots = list(self._workers)  # one C call: stats() may ask from another thread
-        return sum(1 for slot in slots if not slot.doomed)
+        return sum(1 for slot in slots if not (slot.doomed or slot.leaving))
 
     def worker_pids(self) -> list[int]:
         """Pids of the workers that are ready to take jobs or running one."""
         slots = list(self._workers)  # one C call: safe from another thread
-        return sorted(slot.pid for slot in slots if not slot.doomed)
+        return sorted(slot.pid for slot in slots if not (slot.doomed or slot.leaving))
 
     def stats(self) -> dict[str, int]:
         """Plain numbers for :meth:`gaspar.Producer.stats`: queue, jobs running, workers."""
@@ -251,6 +254,19 @@ class Dispatcher:
         except Exception:
             # Our own bug, not the worker's: say so, and read on.
             log.exception("dispatcher bug while handling a worker's message")
+
+    def worker_leaving(self, slot: WorkerSlot) -> None:
+        """`slot`'s worker said GOODBYE: send it nothing more; it leaves once it is idle.
+
+        Its job and the rest of its batch are still answered (a worker sends
+        GOODBYE before its last reply); it is no longer counted as ready.
+        """
+        if slot not in self._workers or slot.leaving:
+            return
+        slot.leaving = True
+        if slot.job is None and not slot.batch:
+            self._remove(slot)
+        self.notify()
 
     def worker_lost(self, slot: WorkerSlot, reason: str) -> None:
         """`slot`'s worker is gone (its link closed, or it was reported dead): fail its jobs.
@@ -385,6 +401,9 @@ class Dispatcher:
             # The worker's next job first: it then runs while this reply is written.
             if slot.batch:
                 self._start(slot, slot.batch.popleft())
+            elif slot.leaving:
+                self._remove(slot)
+                self.notify()
             else:
                 self._became_idle(slot)
         finally:  # whatever went wrong above, this job ends

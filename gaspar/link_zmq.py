@@ -28,6 +28,7 @@ import zmq
 from . import workerproto as wp
 from .consumer import Consumer
 from .dispatcher import Dispatcher, WorkerSlot, WorkerUnreachable
+from .links import REPLY_KINDS
 from .worker import Frames, run
 
 log = logging.getLogger("gaspar.link_zmq")
@@ -180,7 +181,7 @@ class ZmqLink:
                     raise ValueError("message without a body")
                 kind, jid, number, body = split(sock.recv(NOBLOCK), sock, NOBLOCK, copy=False)
                 info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
-                if info is None and kind != wp.DONE and kind != wp.FAILED:
+                if info is None and kind not in REPLY_KINDS:
                     raise ValueError(f"unknown message kind {kind!r}")
             except ValueError as exc:
                 log.warning("malformed message from a worker dropped: %s", exc)
@@ -192,7 +193,11 @@ class ZmqLink:
                         self._slots[identity] = slot
                 continue
             slot = self._slots.get(identity)
-            if slot is not None:
+            if slot is None:
+                continue
+            if kind == wp.GOODBYE:
+                disp.worker_leaving(slot)
+            else:
                 disp.handle_reply(slot, kind, jid, number, body)
 
 

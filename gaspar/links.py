@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gaspar.links")
 
-# What the producer reads from a local worker: READY and replies.
-REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED))
+# What the producer reads from a local worker: READY, replies and GOODBYE.
+REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED, wp.GOODBYE))
 
 
 class WorkerLink(Protocol):
@@ -88,7 +88,9 @@ class LocalConnection(asyncio.BufferedProtocol):
             while (message := reader.next()) is not None:
                 kind, jid, number, body = message
                 slot = self.slot
-                if slot is not None and kind != wp.READY:
+                if slot is not None and kind == wp.GOODBYE:
+                    disp.worker_leaving(slot)
+                elif slot is not None and kind != wp.READY:
                     disp.handle_reply(slot, kind, jid, number, body)
                 elif slot is None and kind == wp.READY:
                     self._ready(bytes(body))

@@ -8,6 +8,7 @@ number, and a body:
     dispatcher -> worker   BATCH  first id count   count x (id, 4-byte length, payload)
     worker -> dispatcher   DONE   id       micros  reply
     worker -> dispatcher   FAILED id       micros  error text, "TypeName: message" (UTF-8)
+    worker -> dispatcher   GOODBYE (id 0)  0       empty
 
 A worker runs the jobs of a BATCH in order and answers each on its own, as
 soon as it is done; `micros` is the time the handler took.  A reply names the
@@ -36,7 +37,8 @@ JOB = b"J"
 DONE = b"D"
 FAILED = b"F"
 BATCH = b"B"
-KINDS = frozenset((READY, JOB, DONE, FAILED, BATCH))
+GOODBYE = b"G"
+KINDS = frozenset((READY, JOB, DONE, FAILED, BATCH, GOODBYE))
 
 _HEAD = struct.Struct("!cQI")
 HEAD_SIZE = _HEAD.size

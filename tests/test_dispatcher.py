@@ -101,3 +101,36 @@ def test_a_worker_unreachable_at_send_gets_its_job_requeued(tmp_path: Path, capl
         "worker 1000 unreachable" in r.getMessage() and "requeueing" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.timeout(20)
+def test_a_worker_that_says_goodbye_gets_nothing_more_and_its_job_still_ends(
+    tmp_path: Path,
+) -> None:
+    """GOODBYE before the last reply: that reply is taken, and the next job waits for another."""
+
+    async def main() -> None:
+        async with dispatcher(tmp_path, workers=2) as (disp, (first, second), _):
+            (running,) = submit(disp, [b"held"])
+            _, [(jid, payload)] = await first.receive()
+            await first.sock.send(wp.GOODBYE + wp.job_id(0) + bytes(4))
+            await first.answer(jid, payload)
+            assert await asyncio.wait_for(running, 5) == (Status.OK, b"HELD")
+            assert await disp.wait_for(lambda: disp.ready_workers == 1, 5)
+            # Two jobs: the leaving worker is not idle, so both go to the second
+            # worker (one now, one when it is free), never to the first.
+            futures = submit(disp, [b"a", b"b"])
+            for _ in futures:
+                _, [(jid, payload)] = await second.receive()
+                await second.answer(jid, payload)
+            assert [await asyncio.wait_for(f, 5) for f in futures] == [
+                (Status.OK, b"A"),
+                (Status.OK, b"B"),
+            ]
+            assert not await first.sock.poll(200)
+            # An idle worker's GOODBYE takes it out of the pool at once.
+            await second.sock.send(wp.GOODBYE + wp.job_id(0) + bytes(4))
+            assert await disp.wait_for(lambda: disp.ready_workers == 0, 5)
+            assert disp.stats()["workers"] == 0
+
+    asyncio.run(main())
