@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -448,7 +448,10 @@ class SessionV2:
     ) -> None:
         self.max_message_size = max_message_size
         self.max_pipeline = max_pipeline
-        self.in_flight: set[int] = set()  # ids of the requests handed out, not yet answered
+        # The requests handed out and not yet answered: id -> what the caller keeps
+        # for it (None until it says; the server keeps its job here, so that one
+        # dict, not two, is touched per request).
+        self.in_flight: dict[int, Any] = {}
         self.greeted = False  # the client's preamble has arrived (ours is queued)
         self.control = False  # ... and it was MAGIC_V2_CONTROL: control frames are allowed
         self.stopped = False  # stop(): refuse every new frame
@@ -514,7 +517,7 @@ class SessionV2:
 
     def reply(self, request_id: int, status: Status, body: BytesLike) -> None:
         """Request `request_id` ended with `status`: queue its reply frame."""
-        self.in_flight.discard(request_id)
+        self.in_flight.pop(request_id, None)
         self._queue_reply(request_id, status, body)
 
     def data_to_send(self) -> list[BytesLike]:
@@ -575,7 +578,7 @@ class SessionV2:
                         events, request_id, Status.OVERLOADED, PIPELINE_FULL_MESSAGE.decode()
                     )
                 else:
-                    in_flight.add(request_id)
+                    in_flight[request_id] = None
                     if deadline < 0:
                         events.append(Request(request_id, bytes(view[start:pos])))
                     else:

@@ -476,7 +476,9 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = transport
         self.session = SessionV2(server.limits.max_message_size, server.limits.max_pipeline)
-        self.jobs: dict[int, Job] = {}  # requests in flight, by id
+        # Requests in flight, by id: the session's own table, whose values are
+        # our jobs (None for an id whose reply is being queued).
+        self.jobs: dict[int, Job | None] = self.session.in_flight
         # Deadlines of the queued requests that carry one, by id (loop timers).
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.state = OPEN
@@ -672,10 +674,10 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self._ended()
 
     def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
-        self.jobs.pop(rid, None)
         if self.state != OPEN:
+            self.jobs.pop(rid, None)
             return
-        self._reply(rid, status, data)
+        self._reply(rid, status, data)  # the session forgets the id as it queues the reply
         self._ended()
 
     def _ended(self) -> None:
@@ -792,9 +794,11 @@ class V2Connection(_Deadline, asyncio.Protocol):
             self.timers.clear()
         if self.jobs:
             dispatcher = self.server.dispatcher
-            jobs, self.jobs = self.jobs, {}
-            for job in jobs.values():
-                dispatcher.cancel(job)
+            jobs = list(self.jobs.values())
+            self.jobs.clear()
+            for job in jobs:
+                if job is not None:
+                    dispatcher.cancel(job)
 
 
 class BodyReader(asyncio.BufferedProtocol):
