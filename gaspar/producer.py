@@ -60,6 +60,7 @@ TRIM_THRESHOLD = 32 << 20
 # supervisor is forked: every process forked from this one closes them at once,
 # so that neither the supervisor nor a worker ever holds the client port.
 _ADOPTED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_fork_hook_set = False
 
 
 def _close_adopted() -> None:
@@ -67,7 +68,13 @@ def _close_adopted() -> None:
         sock.close()
 
 
-os.register_at_fork(after_in_child=_close_adopted)
+def _adopt(sock: socket.socket) -> None:
+    """Have every child forked from now on close `sock` (the hook is set on first use)."""
+    global _fork_hook_set
+    if not _fork_hook_set:
+        os.register_at_fork(after_in_child=_close_adopted)
+        _fork_hook_set = True
+    _ADOPTED.add(sock)
 
 
 def _nothing() -> None:
@@ -124,7 +131,9 @@ class Producer:
     ``start()`` blocks until ``stop()``, SIGINT or SIGTERM; ``start(blocking=False)``
     returns once the port is bound and every worker is ready.  As a context
     manager the producer starts in the background and stops on exit.  A
-    producer starts once.
+    producer starts once.  Under systemd it serves on the socket passed to it
+    (socket activation) instead of binding, and says when it is ready and when
+    it stops (``Type=notify``): see gaspar/systemd.py.
     """
 
     def __init__(
@@ -524,7 +533,7 @@ class Producer:
                 " give its socket unit a single ListenStream="
             )
         name, sock = inherited[0]
-        _ADOPTED.add(sock)
+        _adopt(sock)
         self._inherited = sock
         if (
             sock.type != socket.SOCK_STREAM
