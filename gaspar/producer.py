@@ -481,6 +481,8 @@ class Producer:
             self.address = await self._server.listen(self.host, self.port, sock=self._inherited)
         except OSError as exc:
             where = format_address(self.host, self.port)
+            if self._inherited is not None:
+                where = "the socket systemd passed"
             raise StartupError(f"cannot listen on {where}: {exc}") from exc
         link.go()
         want = self.processes
