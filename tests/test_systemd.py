@@ -293,6 +293,24 @@ def test_serve_accepts_on_the_socket_systemd_passes(
         fake.close()
 
 
+def test_a_producer_from_python_takes_the_socket_too() -> None:
+    script = (
+        "import gaspar; from gaspar.client import request;"
+        "p = gaspar.Producer(lambda m: m[::-1], 0, processes=1); p.start(blocking=False);"
+        "print(p.address[1], request(p.address, b'olleh', timeout=10).decode()); p.stop()"
+    )
+    sock = listener()
+    try:
+        command, fds = activated([sock], [sys.executable, "-c", script])
+        out = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=30, pass_fds=fds
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(sock.getsockname()[1]), "hello"]
+    finally:
+        sock.close()
+
+
 def test_serve_ignores_sockets_passed_to_another_process(
     tmp_path: Path, processes: list[Served]
 ) -> None:
