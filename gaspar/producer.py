@@ -22,7 +22,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ from .errors import StartupError
 from .options import DEFAULTS
 from .protocol import MAX_LENGTH, Limits, Status
 from .supervisor import SupervisorLink
+from .systemd import listen_fds_with_names, notify
 
 if TYPE_CHECKING:
     import asyncio
@@ -51,6 +54,27 @@ STOPPED_EARLY = "stopped before the workers were ready"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 4 << 20
 TRIM_THRESHOLD = 32 << 20
+
+
+# Client ports taken from systemd (socket activation), which exist before the
+# supervisor is forked: every process forked from this one closes them at once,
+# so that neither the supervisor nor a worker ever holds the client port.
+_ADOPTED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_fork_hook_set = False
+
+
+def _close_adopted() -> None:
+    for sock in list(_ADOPTED):
+        sock.close()
+
+
+def _adopt(sock: socket.socket) -> None:
+    """Have every child forked from now on close `sock` (the hook is set on first use)."""
+    global _fork_hook_set
+    if not _fork_hook_set:
+        os.register_at_fork(after_in_child=_close_adopted)
+        _fork_hook_set = True
+    _ADOPTED.add(sock)
 
 
 def _nothing() -> None:
@@ -107,7 +131,9 @@ class Producer:
     ``start()`` blocks until ``stop()``, SIGINT or SIGTERM; ``start(blocking=False)``
     returns once the port is bound and every worker is ready.  As a context
     manager the producer starts in the background and stops on exit.  A
-    producer starts once.
+    producer starts once.  Under systemd it serves on the socket passed to it
+    (socket activation) instead of binding, and says when it is ready and when
+    it stops (``Type=notify``): see gaspar/systemd.py.
     """
 
     def __init__(
@@ -167,6 +193,7 @@ class Producer:
         self._dispatcher: Dispatcher | None = None
         self._local: LocalLink | None = None
         self._server: Server | None = None
+        self._inherited: socket.socket | None = None  # the client port, from systemd
 
     # -- public ----------------------------------------------------------------
 
@@ -177,14 +204,20 @@ class Producer:
                 raise RuntimeError(f"producer already {self.state}")
             self.state = STARTING
         try:
+            self._adopt_socket()
             self._link = SupervisorLink.fork(
                 self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
             )
         except BaseException as exc:
             with self._lock:
                 self.state = STOPPED
+            if self._inherited is not None:
+                self._inherited.close()
             self._ready.set()
             self._finished.set()
+            if isinstance(exc, StartupError):
+                log.error("could not start: %s", exc)
+                raise
             if isinstance(exc, OSError):
                 log.error("could not start: cannot fork the supervisor: %s", exc)
                 raise StartupError(f"cannot fork the supervisor: {exc}") from exc
@@ -400,9 +433,11 @@ class Producer:
                 if self.state == STARTING:
                     self.state = RUNNING
             self._ready.set()
+            self._notify_ready()
             await self._stop_event.wait()
             self.state = STOPPING
             grace = self.grace if self._stop_grace is None else self._stop_grace
+            self._notify_stopping(grace)
             await self._drain(grace)
         finally:
             await self._teardown(link)
@@ -443,9 +478,11 @@ class Producer:
         link.attach(loop)
         self._server = Server(dispatcher, self.limits)
         try:
-            self.address = await self._server.listen(self.host, self.port)
+            self.address = await self._server.listen(self.host, self.port, sock=self._inherited)
         except OSError as exc:
             where = format_address(self.host, self.port)
+            if self._inherited is not None:
+                where = "the socket systemd passed"
             raise StartupError(f"cannot listen on {where}: {exc}") from exc
         link.go()
         want = self.processes
@@ -475,6 +512,59 @@ class Producer:
             want,
             os.getpid(),
         )
+
+    # -- systemd -----------------------------------------------------------------
+
+    def _adopt_socket(self) -> None:
+        """Serve on the listening socket systemd passed to this process, if it passed one.
+
+        Socket activation is automatic, as in most daemons: with LISTEN_PID
+        naming this process, the producer takes the socket (host and port then
+        only describe it) instead of binding one.  It happens before the
+        supervisor is forked, and every forked child closes the socket at
+        once (_close_adopted): no worker holds the client port.
+        """
+        inherited = listen_fds_with_names()
+        if not inherited:
+            return
+        if len(inherited) > 1:
+            for _, extra in inherited:
+                extra.close()
+            raise StartupError(
+                f"systemd passed {len(inherited)} sockets (LISTEN_FDS); gaspar serves on one:"
+                " give its socket unit a single ListenStream="
+            )
+        name, sock = inherited[0]
+        _adopt(sock)
+        self._inherited = sock
+        if (
+            sock.type != socket.SOCK_STREAM
+            or sock.family not in (socket.AF_INET, socket.AF_INET6)
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        ):
+            raise StartupError(
+                f"the socket systemd passed ({name}) is not a listening TCP socket:"
+                " use ListenStream= with Accept=no"
+            )
+        where = sock.getsockname()
+        log.info(
+            "serving on %s, the socket systemd passed (%s); host and port are not bound",
+            format_address(where[0], where[1]),
+            name,
+        )
+
+    def _notify_ready(self) -> None:
+        """Tell systemd (Type=notify) that the port is bound and every worker is ready."""
+        if self.address is not None:
+            notify(
+                f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on "
+                f"{format_address(*self.address)} with {self.processes} workers"
+            )
+
+    def _notify_stopping(self, grace: float) -> None:
+        """Tell systemd that the stop has begun (before the grace period, not after it)."""
+        outstanding = self._dispatcher.outstanding if self._dispatcher is not None else 0
+        notify(f"STOPPING=1\nSTATUS=stopping: {outstanding} requests in flight, {grace:g}s grace")
 
     async def _drain(self, grace: float) -> None:
         server, dispatcher = self._server, self._dispatcher
@@ -506,4 +596,6 @@ class Producer:
         link.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
+        if self._inherited is not None:
+            self._inherited.close()  # unless the server has (a listen that failed)
         log.info("stopped")

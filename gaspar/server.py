@@ -149,16 +149,28 @@ class Server:
         # Protocol errors, refusals and slow clients: one line a second at most.
         self.client_error = Throttled(logging.INFO, "client %s: %s")
 
-    async def listen(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
-        """Bind and start accepting; return the bound (host, port)."""
+    async def listen(
+        self, host: str, port: int, backlog: int = 1024, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Bind and start accepting; return the bound (host, port).
+
+        Given `sock`, a listening socket that this process was handed (systemd's
+        socket activation), accept on it instead of binding: host and port are
+        not used, and the socket is set up as a bound one would be.
+        """
         loop, limits = self.loop, self.limits
         self._sweep_every = max(
             0.01, min(1.0, limits.read_timeout, limits.write_timeout, limits.idle_timeout) / 4
         )
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-        self._server = await loop.create_server(
-            lambda: V1Connection(self), host, port, backlog=backlog, reuse_address=True
-        )
+        if sock is None:
+            self._server = await loop.create_server(
+                lambda: V1Connection(self), host, port, backlog=backlog, reuse_address=True
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: V1Connection(self), sock=sock, backlog=backlog
+            )
         for sock in self._server.sockets:
             # Accepted sockets inherit SO_LINGER 0: a v1 socket resets unless
             # its whole reply was written (see V1Connection), even if we die.
