@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import workerproto as wp
+from .metrics import Histogram, clock
 from .protocol import Status
 from .workerproto import BATCH_BYTES, BATCH_MAX
 
@@ -60,21 +61,33 @@ def _nothing() -> None:
     pass
 
 
+def _no_slot(slot: WorkerSlot) -> None:
+    pass
+
+
 class WorkerUnreachable(Exception):
     """A link could not hand a message to a worker: it is gone, though not yet reported lost."""
 
 
 class Job:
-    """One request on its way through the dispatcher."""
+    """One request on its way through the dispatcher.
 
-    __slots__ = ("callback", "id", "payload", "timer", "worker")
+    Its times (of :func:`gaspar.metrics.clock`) and its handler's run time feed
+    the histograms and the access log; `worker` stays set once it has ended,
+    so that the access log can name the worker that held it.
+    """
 
-    def __init__(self, n: int, payload: bytes | bytearray, callback: Callback) -> None:
+    __slots__ = ("callback", "id", "micros", "payload", "started", "submitted", "timer", "worker")
+
+    def __init__(self, n: int, payload: bytes | bytearray, callback: Callback, now: float) -> None:
         self.id = wp.job_id(n)
         self.payload: bytes | bytearray | None = payload
         self.callback: Callback | None = callback
         self.worker: WorkerSlot | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.submitted = now
+        self.started = 0.0  # 0 until a worker runs it
+        self.micros = -1  # the handler's run time, from its reply; -1 without one
 
 
 class WorkerSlot:
@@ -121,6 +134,12 @@ class Dispatcher:
         self.batches = 0  # batches sent so far
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._retired = False  # no worker joins once retire() was called
+        # Seconds from submit to start, of the handler's run, from submit to end.
+        self.queue_wait = Histogram()
+        self.handler_time = Histogram()
+        self.latency = Histogram()
+        # Told of each worker killed because its job ran past the timeout.
+        self.on_timeout_kill: Callable[[WorkerSlot], None] = _no_slot
 
     # -- public ----------------------------------------------------------------
 
@@ -145,6 +164,26 @@ class Dispatcher:
             "batches": self.batches,
         }
 
+    def worker_states(self) -> dict[str, int]:
+        """Workers by state: idle, busy (holding a job), leaving (said GOODBYE)."""
+        slots = list(self._workers)  # one C call: safe from another thread
+        states = {"idle": 0, "busy": 0, "leaving": 0}
+        for slot in slots:
+            if slot.doomed:
+                continue
+            if slot.leaving:
+                states["leaving"] += 1
+            elif slot.job is not None:
+                states["busy"] += 1
+            else:
+                states["idle"] += 1
+        return states
+
+    def link_pids(self, link: object) -> list[int]:
+        """Pids of the workers of `link` that are in service (the local ones, for their memory)."""
+        slots = list(self._workers)
+        return [slot.pid for slot in slots if slot.link is link and not slot.doomed]
+
     @property
     def outstanding(self) -> int:
         """Jobs queued or running."""
@@ -155,7 +194,7 @@ class Dispatcher:
         if not self._idle and len(self._pending) >= self.max_queue:
             return None
         self._counter += 1
-        job = Job(self._counter, payload, callback)
+        job = Job(self._counter, payload, callback, clock())
         self._busy += 1
         if self._idle:
             self._send(self._idle.popleft(), [job])
@@ -321,6 +360,8 @@ class Dispatcher:
         """`job` is the one `slot` runs now: its timeout starts."""
         job.payload = None
         slot.job = job
+        job.started = now = clock()
+        self.queue_wait.observe(now - job.submitted)
         if self.timeout is not None:
             job.timer = self._loop.call_later(self.timeout, self._expire, slot, job)
 
@@ -351,9 +392,9 @@ class Dispatcher:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        job.worker = None
         callback, job.callback = job.callback, None
         if callback is not None:
+            self.latency.observe(clock() - job.submitted)
             try:
                 callback(outcome, data)
             except Exception:
@@ -383,6 +424,7 @@ class Dispatcher:
             else:
                 self._pending.appendleft(held)
         self._finish(job, Status.TIMEOUT, b"request ran past the server's timeout")
+        self.on_timeout_kill(slot)
         slot.link.kill(slot)
         self._dispatch()
 
@@ -396,8 +438,11 @@ class Dispatcher:
             log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
             return
         slot.job = None
+        job.micros = number
+        run = number / 1e6
+        self.handler_time.observe(run)
         try:
-            self._peak = max(number / 1e6, self._peak * PEAK_DECAY)
+            self._peak = max(run, self._peak * PEAK_DECAY)
             # The worker's next job first: it then runs while this reply is written.
             if slot.batch:
                 self._start(slot, slot.batch.popleft())
