@@ -72,6 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _failure_line(exc: BaseException, address: str) -> str:
     """A failed request as "KIND: DETAIL (server)": "timeout: request ran past ..."."""
     kind, _ = classify(exc)
+    if kind == "other":  # a failure without a status of its own (UnknownTask, BadArguments)
+        kind = type(exc).__name__
     text = str(exc)
     try:
         where = format_address(*parse_address(address))

@@ -266,7 +266,7 @@ class Dispatcher:
             return None
         slot = WorkerSlot(link, key, info.pid, info.host)
         self._workers[slot] = None
-        log.debug("worker %d ready", info.pid)
+        log.debug("worker %d ready", info.pid, extra={"worker": info.pid})
         try:
             self._became_idle(slot)
         except Exception:
@@ -317,7 +317,7 @@ class Dispatcher:
             return
         self._remove(slot)
         if not slot.doomed:
-            log.warning("worker %d lost: %s", slot.pid, reason)
+            log.warning("worker %d lost: %s", slot.pid, reason, extra={"worker": slot.pid})
         slot.doomed = True
         if slot.job is not None:
             job, slot.job = slot.job, None
@@ -343,7 +343,9 @@ class Dispatcher:
                 body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
                 slot.link.send(slot, wp.BATCH, first.id, body, len(jobs))
         except WorkerUnreachable as exc:
-            log.warning("worker %d unreachable (%s); requeueing", slot.pid, exc)
+            log.warning(
+                "worker %d unreachable (%s); requeueing", slot.pid, exc, extra={"worker": slot.pid}
+            )
             self._remove(slot)
             slot.doomed = True
             self._pending.extendleft(reversed(jobs))
@@ -412,7 +414,10 @@ class Dispatcher:
         slot.job = None
         slot.doomed = True
         log.warning(
-            "job ran past the %.3gs timeout in worker %d; killing it", self.timeout, slot.pid
+            "job ran past the %.3gs timeout in worker %d; killing it",
+            self.timeout,
+            slot.pid,
+            extra={"worker": slot.pid},
         )
         # The rest of its batch waits behind the stuck job: it goes back to the
         # head of the queue (those whose clients have gone are dropped).
@@ -435,7 +440,11 @@ class Dispatcher:
             return
         job = slot.job
         if job is None or job.id != jid:
-            log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
+            log.warning(
+                "worker %d sent a reply for a job it does not hold",
+                slot.pid,
+                extra={"worker": slot.pid},
+            )
             return
         slot.job = None
         job.micros = number

@@ -479,7 +479,11 @@ class Producer:
                 boot_failed.append(f"worker {pid}: setup() failed: {error}")
             elif self.state == RUNNING:
                 log.error(
-                    "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
+                    "worker %d: setup() failed: %s; next attempt in %.3gs",
+                    pid,
+                    error,
+                    backoff,
+                    extra={"worker": pid},
                 )
 
         def on_spawned(pid: int, sock: socket.socket) -> None:

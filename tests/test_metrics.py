@@ -81,7 +81,10 @@ def test_scrape_counts_every_outcome_and_survives_a_worker_restart(serve) -> Non
     ]
     before = samples(scrape(producer))
     assert value(before, "gaspar_worker_starts_total") == 1
-    with gaspar.Client(producer.address, timeout=20) as client, pytest.raises(gaspar.RequestTimeout):
+    with (
+        gaspar.Client(producer.address, timeout=20) as client,
+        pytest.raises(gaspar.RequestTimeout),
+    ):
         client.request(b"spin")  # past the timeout: its worker is killed and replaced
     assert wait_until(
         lambda: producer.stats()["worker_starts"] == 2 and producer.stats()["workers"] == 1, 20
