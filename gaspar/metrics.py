@@ -85,7 +85,8 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 class Histogram:
     """Counts of observed durations by bucket (:data:`BOUNDS`), and their sum.
 
-    Plain ints in a list, so that an observation is a bisect and two adds;
+    Plain ints in a list, so that an observation is a bisect and two adds
+    (the dispatcher inlines :meth:`observe` on the request path);
     Prometheus's cumulative form is made at scrape time (:meth:`snapshot`).
     """
 
