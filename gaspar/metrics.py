@@ -72,8 +72,8 @@ BOUNDS = (
 #: Why a local worker exited, as counted (see :func:`exit_cause`).
 EXIT_CAUSES = ("normal", "signal", "crash", "setup_failure", "timeout")
 MISSING_EXTRA = (
-    "metrics_port needs prometheus-client, the 'metrics' extra: pip install 'gaspar[metrics]'"
-    " (or '.[metrics]' from a checkout)"
+    "metrics_port needs prometheus-client, the 'metrics' extra: pip install '.[metrics]'"
+    " from gaspar's checkout, or pip install prometheus-client"
 )
 # The endpoint's own bounds: a request head, the time to send it, connections at once.
 MAX_HEAD = 8192

@@ -230,7 +230,7 @@ def test_without_the_extra_the_command_says_so_in_one_line() -> None:
     assert out.returncode == 1, out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1, lines
-    assert "ERROR" in lines[0] and "pip install 'gaspar[metrics]'" in lines[0]
+    assert "ERROR" in lines[0] and "the 'metrics' extra: pip install '.[metrics]'" in lines[0]
 
 
 def test_a_metrics_port_in_use_fails_the_start(serve) -> None:
