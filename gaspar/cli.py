@@ -33,6 +33,10 @@ EXPOSED_WARNING = (
     "for clients on other hosts put a TLS front before it (docs/deploy/ in gaspar's source has "
     "an HAProxy example)"
 )
+METRICS_EXPOSED_WARNING = (
+    "--metrics-host %s is not a loopback address: /metrics is plain, unauthenticated HTTP; "
+    "let only your Prometheus reach it"
+)
 
 
 def load_target(spec: str) -> Consumer:
@@ -62,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not is_loopback_host(args.host):
         log.warning(EXPOSED_WARNING, args.host)
+    if args.metrics_port is not None and not is_loopback_host(args.metrics_host):
+        log.warning(METRICS_EXPOSED_WARNING, args.metrics_host)
     try:
         producer.start()
     except StartupError:  # the producer has logged its cause

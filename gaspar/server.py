@@ -79,6 +79,10 @@ QUEUE_FULL_MESSAGE = b"server queue full"
 DEADLINE_MESSAGE = b"deadline passed before the request ran"
 CANCELLED_QUEUED_MESSAGE = b"cancelled before it ran"
 CANCELLED_RUNNING_MESSAGE = b"cancelled while running: its reply will be discarded"
+# How old (seconds) the numbers of a stats reply may be: within it, a stats
+# request costs a copy of the last reply, so that a client cannot make the
+# loop count and encode them for every eight bytes it sends.
+STATS_MAX_AGE = 0.1
 # SO_LINGER off: a close is a FIN after the data already written.
 _NO_LINGER = struct.pack("ii", 0, 0)
 
@@ -160,6 +164,8 @@ class Server:
         self.access_log = False
         # What a stats request is answered with (the producer's stats()).
         self.stats: Callable[[], dict[str, Any]] = dict
+        self._stats_reply = b""
+        self._stats_at = 0.0
         # v2 connections with replies waiting to be written, all in one go.
         self._unflushed: list[V2Connection] = []
         dispatcher.on_replies = self.flush
@@ -204,6 +210,14 @@ class Server:
         """How requests ended, by lower-case status name, whatever their protocol."""
         v1, v2 = dict(self.v1), dict(self.v2)  # C calls: safe from another thread
         return {key: v1[key] + v2[key] for key in v1}
+
+    def stats_reply(self) -> bytes:
+        """The body of a stats reply: :attr:`stats` as JSON, at most STATS_MAX_AGE old."""
+        now = self.loop.time()
+        if not self._stats_reply or now - self._stats_at >= STATS_MAX_AGE:
+            self._stats_reply = json.dumps(self.stats(), separators=(",", ":")).encode()
+            self._stats_at = now
+        return self._stats_reply
 
     def log_access(
         self,
@@ -707,8 +721,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
     def _control(self, event: Timed | Cancel | Refused | StatsRequest) -> None:
         """The events other than a plain request: refusals, deadlines, cancels, stats."""
         if isinstance(event, StatsRequest):
-            body = json.dumps(self.server.stats(), separators=(",", ":")).encode()
-            self.session.reply(event.id, Status.OK, body)
+            self.session.reply(event.id, Status.OK, self.server.stats_reply())
             self._want_flush()
         elif isinstance(event, Refused):
             server = self.server

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -25,6 +26,7 @@ from gaspar.protocol import (
     pack_request_v2,
     pack_stats_v2,
 )
+from gaspar.server import STATS_MAX_AGE
 from tests import handlers
 from tests.conftest import raw_request
 
@@ -144,3 +146,33 @@ def test_session_stats_request_rules() -> None:
     plain = SessionV2()
     (too_large,) = plain.receive_data(MAGIC_V2 + struct.pack("!II", 4, 0x83000000))
     assert too_large.status == Status.TOO_LARGE
+
+
+def test_a_flood_of_stats_requests_is_answered_from_a_copy(serve) -> None:
+    """Two thousand stats requests in one write: each answered; the numbers counted seldom."""
+    producer = serve(handlers.echo, processes=1)
+    server = producer._server
+    counted = []
+    real = server.stats
+
+    def counting() -> dict:
+        counted.append(1)
+        return real()
+
+    server.stats = counting
+    n = 2000
+    reader = ReplyReaderV2(preamble=MAGIC_V2_CONTROL)
+    started = time.monotonic()
+    with socket.create_connection(producer.address, timeout=20) as sock:
+        sock.sendall(MAGIC_V2_CONTROL)
+        assert reader.feed(sock.recv(4)) == []
+        sock.sendall(b"".join(pack_stats_v2(i) for i in range(n)) + pack_request_v2(n, b"last"))
+        got: dict = {}
+        while len(got) < n + 1:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            got.update((r.id, r) for r in reader.feed(chunk))
+    elapsed = time.monotonic() - started
+    assert got[n].body == b"last"
+    assert all(got[i].status == Status.OK and got[i].body.startswith(b"{") for i in range(n))
+    assert len(counted) <= 2 + elapsed / STATS_MAX_AGE, (len(counted), elapsed)
