@@ -238,3 +238,18 @@ def test_a_metrics_port_in_use_fails_the_start(serve) -> None:
     assert first.metrics_address is not None
     with pytest.raises(gaspar.StartupError, match="cannot serve metrics on 127.0.0.1"):
         serve(handlers.echo, processes=1, metrics_port=first.metrics_address[1])
+
+
+def test_a_non_loopback_metrics_host_warns_once() -> None:
+    from tests.test_cli import Server
+
+    srv = Server("tests.handlers:echo", "--workers", "1", "--metrics-port", "0")
+    assert srv.finish() == 0
+    assert not any(b"--metrics-host" in line for line in srv.log), srv.log
+    srv = Server(
+        "tests.handlers:echo", "--workers", "1", "--metrics-port", "0", "--metrics-host", "0.0.0.0"
+    )
+    assert srv.finish() == 0
+    warned = [line for line in srv.log if b"--metrics-host 0.0.0.0 is not a loopback" in line]
+    assert len(warned) == 1 and b"WARNING" in warned[0], srv.log
+    assert any(b"metrics on http://0.0.0.0:" in line for line in srv.log), srv.log
