@@ -160,7 +160,7 @@ class Server:
         self.v2: dict[str, int] = {key: 0 for key in KEYS.values()}
         self.bytes_in = 0  # read from clients
         self.bytes_out = 0  # handed to their transports
-        # One line per answered request on the logger gaspar.access (off: one `if` each).
+        # One line per answered request on the logger gaspar.access (off: a flag check).
         self.access_log = False
         # What a stats request is answered with (the producer's stats()).
         self.stats: Callable[[], dict[str, Any]] = dict
