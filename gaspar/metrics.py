@@ -324,12 +324,11 @@ class MetricsServer:
         method, target = words[0], words[1].split(b"?", 1)[0]
         if target != b"/metrics":
             return "404 Not Found", b"not found: try /metrics\n", text
-        if method not in (b"GET", b"HEAD"):
+        if method != b"GET":
             return "405 Method Not Allowed", b"GET /metrics\n", text
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        body = self.render()
-        return "200 OK", b"" if method == b"HEAD" else body, CONTENT_TYPE_LATEST
+        return "200 OK", self.render(), CONTENT_TYPE_LATEST
 
 
 async def serve_metrics(stats: Callable[[], dict[str, Any]], host: str, port: int) -> MetricsServer:
