@@ -301,7 +301,7 @@ OPTIONS: tuple[Option, ...] = (
         shown="off",
         metavar="PORT",
     ),
-    Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint binds"),
+    Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint binds", metavar="HOST"),
     Option(
         "access_log",
         bool,
