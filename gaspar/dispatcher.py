@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import workerproto as wp
-from .metrics import BOUNDS, Histogram, clock
+from .metrics import BOUNDS, WORKER_STATES, Histogram, clock
 from .protocol import Status
 from .workerproto import BATCH_BYTES, BATCH_MAX
 
@@ -168,7 +168,7 @@ class Dispatcher:
     def worker_states(self) -> dict[str, int]:
         """Workers by state: idle, busy (holding a job), leaving (said GOODBYE)."""
         slots = list(self._workers)  # one C call: safe from another thread
-        states = {"idle": 0, "busy": 0, "leaving": 0}
+        states = dict.fromkeys(WORKER_STATES, 0)
         for slot in slots:
             if slot.doomed:
                 continue

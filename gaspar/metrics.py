@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_CAUSES",
     "Collector",
     "Histogram",
+    "WORKER_STATES",
     "MetricsServer",
     "clock",
     "exit_cause",
@@ -69,6 +70,8 @@ BOUNDS = (
     30.0,
     60.0,
 )
+#: The states a worker in service is counted in.
+WORKER_STATES = ("idle", "busy", "leaving")
 #: Why a local worker exited, as counted (see :func:`exit_cause`).
 EXIT_CAUSES = ("normal", "signal", "crash", "setup_failure", "timeout")
 MISSING_EXTRA = (

@@ -300,7 +300,7 @@ class Producer:
             "requests_by_protocol": {"v1": dict(outcomes), "v2": dict(outcomes)},
             "bytes_in": 0,
             "bytes_out": 0,
-            "workers_by_state": {"idle": 0, "busy": 0, "leaving": 0},
+            "workers_by_state": dict.fromkeys(metrics.WORKER_STATES, 0),
             "worker_starts": self._starts,
             "worker_exits": dict(self._exits),
             "worker_memory": {"sum": 0, "max": 0},
