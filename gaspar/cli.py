@@ -1,21 +1,27 @@
-"""The ``gaspar`` command: ``gaspar serve``, ``request``, ``bench`` and ``keygen``."""
+"""The ``gaspar`` command: ``serve``, ``request``, ``call``, ``stats``, ``bench``, ``keygen``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .address import is_loopback_host
+from . import __version__
+from .address import format_address, is_loopback_host, parse_address
 from .client import request
+from .clientcore import PROTOCOLS, classify
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
+from .logs import OneLineFormatter, configure_logging
 from .options import PRODUCER_OPTIONS, add_flags
 from .producer import Producer
+
+__all__ = ["OneLineFormatter", "build_parser", "configure_logging", "load_target", "main"]
 
 log = logging.getLogger("gaspar.cli")
 
@@ -27,24 +33,10 @@ EXPOSED_WARNING = (
     "for clients on other hosts put a TLS front before it (docs/deploy/ in gaspar's source has "
     "an HAProxy example)"
 )
-
-
-class OneLineFormatter(logging.Formatter):
-    """Format each record on one line: tracebacks have their newlines escaped."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
-
-
-def configure_logging(level: str) -> None:
-    """Log one line per event to standard error, with the pid of the process."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        OneLineFormatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+METRICS_EXPOSED_WARNING = (
+    "--metrics-host %s is not a loopback address: /metrics is plain, unauthenticated HTTP; "
+    "let only your Prometheus reach it"
+)
 
 
 def load_target(spec: str) -> Consumer:
@@ -74,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not is_loopback_host(args.host):
         log.warning(EXPOSED_WARNING, args.host)
+    if args.metrics_port is not None and not is_loopback_host(args.metrics_host):
+        log.warning(METRICS_EXPOSED_WARNING, args.metrics_host)
     try:
         producer.start()
     except StartupError:  # the producer has logged its cause
@@ -81,16 +75,137 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _failure_line(exc: BaseException, address: str) -> str:
+    """A failed request as "KIND: DETAIL (server)": "timeout: request ran past ..."."""
+    kind, _ = classify(exc)
+    if kind == "other":  # a failure without a status of its own (UnknownTask, BadArguments)
+        kind = type(exc).__name__
+    text = str(exc)
+    try:
+        where = format_address(*parse_address(address))
+    except ValueError:
+        where = ""
+    if where and text.startswith(where + ": "):
+        text = f"{text[len(where) + 2 :]} ({where})"
+    return f"{kind}: {text}"
+
+
 def _request(args: argparse.Namespace) -> int:
     message = sys.stdin.buffer.read() if args.message is None else args.message.encode()
     try:
-        reply = request(args.address, message, timeout=args.timeout)
-    except (RequestFailed, ValueError) as exc:
-        print(f"gaspar: {exc}", file=sys.stderr)
+        reply = request(args.address, message, timeout=args.timeout, protocol=args.protocol)
+    except ValueError as exc:
+        print(f"gaspar request: {exc}", file=sys.stderr)
+        return 1
+    except RequestFailed as exc:
+        print(f"gaspar request: {_failure_line(exc, args.address)}", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(reply)
     sys.stdout.buffer.flush()
     return 0
+
+
+def _call_arguments(text: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """ARGS as JSON: an array is the positional arguments, an object the keywords."""
+    if text is None:
+        return [], {}
+    value = json.loads(text)
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    return [value], {}
+
+
+def _as_json(value: object) -> str:
+    def bytes_as_text(obj: object) -> object:
+        if isinstance(obj, bytes | bytearray):
+            return bytes(obj).decode("utf-8", "backslashreplace")
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+
+    return json.dumps(value, default=bytes_as_text, ensure_ascii=False)
+
+
+def _call(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    try:
+        positional, keywords = _call_arguments(args.args)
+    except ValueError as exc:
+        print(f"gaspar call: ARGS is not JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Client(args.address, timeout=args.timeout, pool_size=0) as client:
+            result = client.call(args.task, *positional, **keywords)
+    except (TypeError, ValueError, ImportError) as exc:
+        print(f"gaspar call: {exc}", file=sys.stderr)
+        return 1
+    except RequestFailed as exc:
+        print(f"gaspar call: {_failure_line(exc, args.address)}", file=sys.stderr)
+        return 1
+    if isinstance(result, bytes):
+        sys.stdout.buffer.write(result)
+    else:
+        sys.stdout.write(_as_json(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .client import stats
+
+    try:
+        numbers = stats(args.address, timeout=args.timeout)
+    except ValueError as exc:
+        print(f"gaspar stats: {exc}", file=sys.stderr)
+        return 1
+    except RequestFailed as exc:
+        print(f"gaspar stats: {_failure_line(exc, args.address)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(numbers, indent=2, sort_keys=True))
+    else:
+        print(stats_table(numbers), end="")
+    return 0
+
+
+def stats_table(numbers: dict[str, Any], prefix: str = "") -> str:
+    """Stats as a short table: one line a number, a map of numbers or a histogram."""
+    lines = []
+    for key, value in numbers.items():
+        name = prefix + key
+        if isinstance(value, dict) and "buckets" in value:
+            lines.append(f"{name:<24} {_histogram_line(value)}\n")
+        elif isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            lines.append(stats_table(value, name + "."))
+        elif isinstance(value, dict):
+            shown = [f"{k} {v}" for k, v in value.items() if v] or ["none"]
+            lines.append(f"{name:<24} {', '.join(shown)}\n")
+        else:
+            lines.append(f"{name:<24} {value}\n")
+    return "".join(lines)
+
+
+def _histogram_line(h: dict[str, Any]) -> str:
+    count = h["count"]
+    if not count:
+        return "none"
+    parts = [f"{count} observed, mean {_seconds(h['sum'] / count)}"]
+    for q in (0.5, 0.99):
+        for bound, cumulative in h["buckets"]:
+            if cumulative >= q * count:
+                upper = "above the last bucket" if bound == "+Inf" else f"<= {_seconds(bound)}"
+                parts.append(f"p{round(q * 100)} {upper}")
+                break
+    return ", ".join(parts)
+
+
+def _seconds(value: float) -> str:
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} us"
+    if value < 1:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value:.3g} s"
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -120,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(
         prog="gaspar", description="Serve CPU-heavy handlers from worker processes."
     )
+    parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -135,7 +251,42 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
     req.add_argument("message", nargs="?", help="the message (default: read standard input)")
     req.add_argument("--timeout", type=float, default=None, help="seconds to wait in all")
+    req.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="v1",
+        help="v1 (any gaspar server; a failure is a reset) or v2 (typed failures); default v1",
+    )
     req.set_defaults(func=_request)
+
+    call = sub.add_parser(
+        "call",
+        help="call a task of a gaspar.App and print its result",
+        description="Call TASK of the gaspar.App served at ADDRESS (over v2; needs msgpack) and "
+        "print its result as JSON (a bytes result as it is).",
+    )
+    call.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
+    call.add_argument("task", help="the task's name")
+    call.add_argument(
+        "args",
+        nargs="?",
+        metavar="ARGS",
+        help="the arguments as JSON: an array of positional ones, an object of keywords, "
+        "or one value",
+    )
+    call.add_argument("--timeout", type=float, default=None, help="seconds to wait in all")
+    call.set_defaults(func=_call)
+
+    st = sub.add_parser(
+        "stats",
+        help="print a server's numbers",
+        description="Print a running server's numbers (Producer.stats()) through a v2 stats "
+        "request: a quick look without Prometheus.",
+    )
+    st.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
+    st.add_argument("--json", action="store_true", help="print them as JSON")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    st.set_defaults(func=_stats)
 
     keygen = sub.add_parser(
         "keygen",
@@ -160,6 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        configure_logging(args.log_level)
+        configure_logging(args.log_level, args.log_format)
     result: int = args.func(args)
     return result

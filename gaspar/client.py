@@ -14,6 +14,7 @@ greenlets can wait on gaspar at once.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import threading
@@ -36,7 +37,7 @@ from .clientcore import (
 from .errors import ConnectionFailed, RequestFailed, RequestTimeout
 from .protocol import ProtocolError, Status, pack, to_bytes
 
-__all__ = ["DEFAULT_MAX_REPLY_SIZE", "Client", "pack", "parse_address", "request"]
+__all__ = ["DEFAULT_MAX_REPLY_SIZE", "Client", "pack", "parse_address", "request", "stats"]
 
 _RECV_SIZE = 256 * 1024
 # A connection keeps at most this many cancelled requests whose replies have
@@ -133,6 +134,60 @@ def request(
                 v1.feed(chunk)
 
     return _translate(where, exchange)
+
+
+# The largest stats reply a client accepts.
+MAX_STATS_REPLY = 1 << 20
+
+
+def stats(address: str | tuple[str, int], timeout: float | None = 10.0) -> dict[str, Any]:
+    """The server's numbers (what :meth:`gaspar.Producer.stats` returns), by a v2 stats request.
+
+    The request goes on a control connection, only once the server has
+    answered its preamble (docs/protocol.md, "Stats request"), so a server
+    without control frames never sees it.  Failures raise
+    :class:`gaspar.ConnectionFailed` (or another RequestFailed) naming the cause.
+    """
+    host, port = parse_address(address)
+    where = format_address(host, port)
+    deadline = _Deadline(timeout, where)
+    sock = _connect(host, port, deadline)
+    session: ClientSession[bool] = ClientSession(MAX_STATS_REPLY, control=True)
+
+    def receive(gone: str) -> list[tuple[bool, Status, bytes]]:
+        sock.settimeout(deadline.left())
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except ConnectionResetError as exc:
+            raise ConnectionFailed(f"{where}: the server reset the connection {gone}") from exc
+        if not chunk:
+            raise ConnectionFailed(f"{where}: the server closed the connection {gone}")
+        return session.receive(chunk)
+
+    def exchange() -> tuple[Status, bytes]:
+        with sock:
+            sock.settimeout(deadline.left())
+            sock.sendall(session.preamble)
+            while not session.greeted:
+                if receive("before its preamble (no control frames; or full, or stopping)"):
+                    raise ProtocolError("a reply before any request")
+            _, frame = session.stats_request(True)
+            sock.settimeout(deadline.left())
+            sock.sendall(frame)
+            while True:
+                for _, status, body in receive("at the stats request (a server without them)"):
+                    return status, body
+
+    status, body = _translate(where, exchange, ConnectionFailed)
+    if status is not Status.OK:
+        raise failure(status, body, where)
+    try:
+        result = json.loads(body)
+    except ValueError as exc:
+        raise ConnectionFailed(f"{where}: the stats reply is not JSON: {exc}") from exc
+    if not isinstance(result, dict):
+        raise ConnectionFailed(f"{where}: the stats reply is not a JSON object")
+    return result
 
 
 class _Connection:

@@ -51,6 +51,7 @@ from .protocol import (
     Status,
     pack,
     pack_cancel_v2,
+    pack_stats_v2,
     timed_header_v2,
 )
 
@@ -370,6 +371,18 @@ class ClientSession(Generic[W]):
         waiting = rid in self.ids.waiting
         self.ids.abandon(rid)
         return pack_cancel_v2(rid) if waiting and self.control else b""
+
+    def stats_request(self, waiter: W) -> tuple[int, bytes]:
+        """A stats request for `waiter`: its id and its frame (control connections only).
+
+        Send it only once :attr:`greeted`: a server that takes control frames
+        but not this kind resets the connection, one that takes none never
+        sees it.  Its reply is OK with the server's numbers as a JSON object.
+        """
+        if not self.control:
+            raise ValueError("a stats request needs a control connection")
+        rid = self.ids.open(waiter)
+        return rid, pack_stats_v2(rid)
 
     def close(self) -> list[W]:
         """The connection is gone: every waiter, to be failed."""

@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import workerproto as wp
+from .metrics import BOUNDS, WORKER_STATES, Histogram, clock
 from .protocol import Status
 from .workerproto import BATCH_BYTES, BATCH_MAX
 
@@ -60,21 +62,33 @@ def _nothing() -> None:
     pass
 
 
+def _no_slot(slot: WorkerSlot) -> None:
+    pass
+
+
 class WorkerUnreachable(Exception):
     """A link could not hand a message to a worker: it is gone, though not yet reported lost."""
 
 
 class Job:
-    """One request on its way through the dispatcher."""
+    """One request on its way through the dispatcher.
 
-    __slots__ = ("callback", "id", "payload", "timer", "worker")
+    Its times (of :func:`gaspar.metrics.clock`) and its handler's run time feed
+    the histograms and the access log; `worker` stays set once it has ended,
+    so that the access log can name the worker that held it.
+    """
 
-    def __init__(self, n: int, payload: bytes | bytearray, callback: Callback) -> None:
+    __slots__ = ("callback", "id", "micros", "payload", "started", "submitted", "timer", "worker")
+
+    def __init__(self, n: int, payload: bytes | bytearray, callback: Callback, now: float) -> None:
         self.id = wp.job_id(n)
         self.payload: bytes | bytearray | None = payload
         self.callback: Callback | None = callback
         self.worker: WorkerSlot | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.submitted = now
+        self.started = 0.0  # 0 until a worker runs it
+        self.micros = -1  # the handler's run time, from its reply; -1 without one
 
 
 class WorkerSlot:
@@ -121,6 +135,12 @@ class Dispatcher:
         self.batches = 0  # batches sent so far
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._retired = False  # no worker joins once retire() was called
+        # Seconds from submit to start, of the handler's run, from submit to end.
+        self.queue_wait = Histogram()
+        self.handler_time = Histogram()
+        self.latency = Histogram()
+        # Told of each worker killed because its job ran past the timeout.
+        self.on_timeout_kill: Callable[[WorkerSlot], None] = _no_slot
 
     # -- public ----------------------------------------------------------------
 
@@ -145,6 +165,26 @@ class Dispatcher:
             "batches": self.batches,
         }
 
+    def worker_states(self) -> dict[str, int]:
+        """Workers by state: idle, busy (holding a job), leaving (said GOODBYE)."""
+        slots = list(self._workers)  # one C call: safe from another thread
+        states = dict.fromkeys(WORKER_STATES, 0)
+        for slot in slots:
+            if slot.doomed:
+                continue
+            if slot.leaving:
+                states["leaving"] += 1
+            elif slot.job is not None:
+                states["busy"] += 1
+            else:
+                states["idle"] += 1
+        return states
+
+    def link_pids(self, link: object) -> list[int]:
+        """Pids of the workers of `link` that are in service (the local ones, for their memory)."""
+        slots = list(self._workers)
+        return [slot.pid for slot in slots if slot.link is link and not slot.doomed]
+
     @property
     def outstanding(self) -> int:
         """Jobs queued or running."""
@@ -155,7 +195,7 @@ class Dispatcher:
         if not self._idle and len(self._pending) >= self.max_queue:
             return None
         self._counter += 1
-        job = Job(self._counter, payload, callback)
+        job = Job(self._counter, payload, callback, clock())
         self._busy += 1
         if self._idle:
             self._send(self._idle.popleft(), [job])
@@ -227,7 +267,7 @@ class Dispatcher:
             return None
         slot = WorkerSlot(link, key, info.pid, info.host)
         self._workers[slot] = None
-        log.debug("worker %d ready", info.pid)
+        log.debug("worker %d ready", info.pid, extra={"worker": info.pid})
         try:
             self._became_idle(slot)
         except Exception:
@@ -278,7 +318,7 @@ class Dispatcher:
             return
         self._remove(slot)
         if not slot.doomed:
-            log.warning("worker %d lost: %s", slot.pid, reason)
+            log.warning("worker %d lost: %s", slot.pid, reason, extra={"worker": slot.pid})
         slot.doomed = True
         if slot.job is not None:
             job, slot.job = slot.job, None
@@ -304,7 +344,9 @@ class Dispatcher:
                 body = wp.pack_batch([(job.id, job.payload) for job in jobs])  # type: ignore[misc]
                 slot.link.send(slot, wp.BATCH, first.id, body, len(jobs))
         except WorkerUnreachable as exc:
-            log.warning("worker %d unreachable (%s); requeueing", slot.pid, exc)
+            log.warning(
+                "worker %d unreachable (%s); requeueing", slot.pid, exc, extra={"worker": slot.pid}
+            )
             self._remove(slot)
             slot.doomed = True
             self._pending.extendleft(reversed(jobs))
@@ -321,6 +363,11 @@ class Dispatcher:
         """`job` is the one `slot` runs now: its timeout starts."""
         job.payload = None
         slot.job = job
+        job.started = now = clock()
+        # Histogram.observe inlined here and below: the call would double its cost.
+        wait, h = now - job.submitted, self.queue_wait
+        h.counts[bisect_left(BOUNDS, wait)] += 1
+        h.sum += wait
         if self.timeout is not None:
             job.timer = self._loop.call_later(self.timeout, self._expire, slot, job)
 
@@ -351,9 +398,11 @@ class Dispatcher:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        job.worker = None
         callback, job.callback = job.callback, None
         if callback is not None:
+            took, h = clock() - job.submitted, self.latency
+            h.counts[bisect_left(BOUNDS, took)] += 1
+            h.sum += took
             try:
                 callback(outcome, data)
             except Exception:
@@ -371,7 +420,10 @@ class Dispatcher:
         slot.job = None
         slot.doomed = True
         log.warning(
-            "job ran past the %.3gs timeout in worker %d; killing it", self.timeout, slot.pid
+            "job ran past the %.3gs timeout in worker %d; killing it",
+            self.timeout,
+            slot.pid,
+            extra={"worker": slot.pid},
         )
         # The rest of its batch waits behind the stuck job: it goes back to the
         # head of the queue (those whose clients have gone are dropped).
@@ -383,6 +435,7 @@ class Dispatcher:
             else:
                 self._pending.appendleft(held)
         self._finish(job, Status.TIMEOUT, b"request ran past the server's timeout")
+        self.on_timeout_kill(slot)
         slot.link.kill(slot)
         self._dispatch()
 
@@ -393,11 +446,20 @@ class Dispatcher:
             return
         job = slot.job
         if job is None or job.id != jid:
-            log.warning("worker %d sent a reply for a job it does not hold", slot.pid)
+            log.warning(
+                "worker %d sent a reply for a job it does not hold",
+                slot.pid,
+                extra={"worker": slot.pid},
+            )
             return
         slot.job = None
+        job.micros = number
+        run = number / 1e6
+        h = self.handler_time
+        h.counts[bisect_left(BOUNDS, run)] += 1
+        h.sum += run
         try:
-            self._peak = max(number / 1e6, self._peak * PEAK_DECAY)
+            self._peak = max(run, self._peak * PEAK_DECAY)
             # The worker's next job first: it then runs while this reply is written.
             if slot.batch:
                 self._start(slot, slot.batch.popleft())

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from .logs import FORMATS
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_PIPELINE, MAX_MESSAGE_SIZE_LIMIT
 
 __all__ = [
@@ -285,6 +286,35 @@ OPTIONS: tuple[Option, ...] = (
         "least severe log records written",
         producer=False,
         choices=("debug", "info", "warning", "error", "critical"),
+    ),
+    # issue 12, items 4 and 5: metrics and logs
+    Option(
+        "metrics_port",
+        int,
+        None,
+        "serve Prometheus metrics at /metrics on this port (needs the `metrics` extra:"
+        " `pip install '.[metrics]'`); 0 binds a free one, readable as"
+        " `producer.metrics_address`",
+        low=0,
+        high=65535,
+        optional=True,
+        shown="off",
+        metavar="PORT",
+    ),
+    Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint binds", metavar="HOST"),
+    Option(
+        "access_log",
+        bool,
+        False,
+        "log one line per answered request (logger `gaspar.access`, level INFO)",
+    ),
+    Option(
+        "log_format",
+        str,
+        "text",
+        "log lines as text, or as one JSON object each",
+        producer=False,
+        choices=FORMATS,
     ),
 )
 

@@ -28,7 +28,7 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import options
+from . import metrics, options
 from . import workerproto as wp
 from .address import format_address
 from .consumer import Consumer, Handler, as_consumer
@@ -41,8 +41,9 @@ from .systemd import listen_fds_with_names, notify
 if TYPE_CHECKING:
     import asyncio
 
-    from .dispatcher import Dispatcher
+    from .dispatcher import Dispatcher, WorkerSlot
     from .links import LocalLink
+    from .metrics import MetricsServer
     from .server import Server
 
 log = logging.getLogger("gaspar.producer")
@@ -154,6 +155,9 @@ class Producer:
         grace: float = DEFAULTS["grace"],
         use_uvloop: bool | None = DEFAULTS["use_uvloop"],
         tune_malloc: bool = DEFAULTS["tune_malloc"],
+        metrics_port: int | None = DEFAULTS["metrics_port"],
+        metrics_host: str = DEFAULTS["metrics_host"],
+        access_log: bool = DEFAULTS["access_log"],
     ) -> None:
         # Every option is checked against gaspar/options.py; a bad one is a
         # one-line ValueError naming it and what it may be.
@@ -169,6 +173,11 @@ class Producer:
         self.grace: float = o["grace"]
         self.use_uvloop: bool | None = o["use_uvloop"]
         self.tune_malloc: bool = o["tune_malloc"]
+        self.metrics_port: int | None = o["metrics_port"]
+        self.metrics_host: str = o["metrics_host"]
+        self.access_log: bool = o["access_log"]
+        # The /metrics endpoint's bound (host, port), once it is serving.
+        self.metrics_address: tuple[str, int] | None = None
         self.limits = Limits(
             o["max_message_size"],
             o["max_connections"],
@@ -194,6 +203,11 @@ class Producer:
         self._local: LocalLink | None = None
         self._server: Server | None = None
         self._inherited: socket.socket | None = None  # the client port, from systemd
+        self._metrics: MetricsServer | None = None
+        # Worker starts and exits by cause, counted here: they outlive every worker.
+        self._starts = 0
+        self._exits: dict[str, int] = dict.fromkeys(metrics.EXIT_CAUSES, 0)
+        self._timeout_killed: set[int] = set()  # local workers killed for a job's timeout
 
     # -- public ----------------------------------------------------------------
 
@@ -205,6 +219,8 @@ class Producer:
             self.state = STARTING
         try:
             self._adopt_socket()
+            if self.metrics_port is not None:
+                metrics.require()
             self._link = SupervisorLink.fork(
                 self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
             )
@@ -288,21 +304,55 @@ class Producer:
         many requests ended so; ``queued`` are waiting for a worker, ``in_flight`` running in
         one; ``workers`` are ready or busy; ``batches`` were sent so far;
         ``connections`` are open.
+
+        Also: ``requests_by_protocol`` (``v1``, ``v2``: each such a map);
+        ``bytes_in`` and ``bytes_out`` (from and to clients); ``workers_by_state``
+        (``idle``, ``busy``, ``leaving``); ``worker_starts`` and ``worker_exits``
+        by cause (``normal``, ``signal``, ``crash``, ``setup_failure``,
+        ``timeout``) of local workers; ``worker_memory`` (resident bytes of the
+        local workers: ``sum``, ``max``); and the histograms ``latency`` (from a
+        request read to its end), ``handler_time`` (the handler's own run time)
+        and ``queue_wait`` (from read to a worker's start), each ``count``,
+        ``sum`` (seconds) and cumulative ``buckets`` of [upper bound, count].
+        docs/observability.md says more.
         """
         server, dispatcher = self._server, self._dispatcher
+        outcomes = dict.fromkeys((s.name.lower() for s in Status), 0)
+        empty = metrics.Histogram().snapshot()
         result: dict[str, Any] = {
-            "requests": dict.fromkeys((s.name.lower() for s in Status), 0),
+            "requests": dict(outcomes),
             "queued": 0,
             "in_flight": 0,
             "workers": 0,
             "batches": 0,
             "connections": 0,
+            "requests_by_protocol": {"v1": dict(outcomes), "v2": dict(outcomes)},
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "workers_by_state": dict.fromkeys(metrics.WORKER_STATES, 0),
+            "worker_starts": self._starts,
+            "worker_exits": dict(self._exits),
+            "worker_memory": {"sum": 0, "max": 0},
+            "latency": empty,
+            "handler_time": empty,
+            "queue_wait": empty,
         }
         if server is not None:
-            result["requests"] = dict(server.requests)
+            result["requests"] = server.requests
+            result["requests_by_protocol"] = {"v1": dict(server.v1), "v2": dict(server.v2)}
             result["connections"] = len(server.connections)
+            result["bytes_in"] = server.bytes_in
+            result["bytes_out"] = server.bytes_out
         if dispatcher is not None:
             result.update(dispatcher.stats())
+            result["workers_by_state"] = dispatcher.worker_states()
+            result["latency"] = dispatcher.latency.snapshot()
+            result["handler_time"] = dispatcher.handler_time.snapshot()
+            result["queue_wait"] = dispatcher.queue_wait.snapshot()
+            if self._local is not None:
+                sizes = [metrics.resident_bytes(p) for p in dispatcher.link_pids(self._local)]
+                known = [size for size in sizes if size is not None]
+                result["worker_memory"] = {"sum": sum(known), "max": max(known, default=0)}
         return result
 
     def __enter__(self) -> Producer:
@@ -460,10 +510,21 @@ class Producer:
                 boot_failed.append(f"worker {pid}: setup() failed: {error}")
             elif self.state == RUNNING:
                 log.error(
-                    "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
+                    "worker %d: setup() failed: %s; next attempt in %.3gs",
+                    pid,
+                    error,
+                    backoff,
+                    extra={"worker": pid},
                 )
 
+        def on_spawned(pid: int, sock: socket.socket) -> None:
+            self._starts += 1
+            local.add(pid, sock)
+
         def on_exited(pid: int, code: int) -> None:
+            timed_out = pid in self._timeout_killed
+            self._timeout_killed.discard(pid)
+            self._exits[metrics.exit_cause(code, timed_out)] += 1
             # During start-up any death is a failure of it: a worker that
             # crashes (not raises) in setup() would otherwise be replaced for ever.
             if self.state == STARTING and not boot_failed:
@@ -471,12 +532,19 @@ class Producer:
             local.exited(pid, code)
             dispatcher.notify()  # the wait below may be for this
 
-        link.on_spawned = local.add
+        def on_timeout_kill(slot: WorkerSlot) -> None:
+            if slot.link is local:
+                self._timeout_killed.add(slot.pid)
+
+        dispatcher.on_timeout_kill = on_timeout_kill
+        link.on_spawned = on_spawned
         link.on_setup_failed = on_setup_failed
         link.on_exited = on_exited
         link.on_lost = self._supervisor_died
         link.attach(loop)
         self._server = Server(dispatcher, self.limits)
+        self._server.access_log = self.access_log
+        self._server.stats = self.stats
         try:
             self.address = await self._server.listen(self.host, self.port, sock=self._inherited)
         except OSError as exc:
@@ -484,6 +552,11 @@ class Producer:
             if self._inherited is not None:
                 where = "the socket systemd passed"
             raise StartupError(f"cannot listen on {where}: {exc}") from exc
+        if self.metrics_port is not None:
+            self._metrics = await metrics.serve_metrics(
+                self.stats, self.metrics_host, self.metrics_port
+            )
+            self.metrics_address = self._metrics.address
         link.go()
         want = self.processes
         assert self._stop_event is not None
@@ -583,6 +656,8 @@ class Producer:
         # From here the supervisor's exit and the workers' are expected.
         link.on_lost = _nothing
         link.on_setup_failed = _ignore_setup_failure
+        if self._metrics is not None:
+            await self._metrics.close()
         if self._server is not None:
             self._server.stop_accepting()
             self._server.abort_all()

@@ -23,9 +23,9 @@ every client and a fuzzer share it.  Rules it keeps:
    shutting down, how replies are framed and bounded) live in one sans-I/O
    object, :class:`SessionV2`, which the server drives and tests and the
    fuzzer drive without sockets.
-6. Control frames (a request with a deadline, a cancel) exist only on a
-   connection opened with :data:`MAGIC_V2_CONTROL`; on one opened with
-   :data:`MAGIC_V2` every byte means what it meant before them.
+6. Control frames (a request with a deadline, a cancel, a stats request)
+   exist only on a connection opened with :data:`MAGIC_V2_CONTROL`; on one
+   opened with :data:`MAGIC_V2` every byte means what it meant before them.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "ProtocolError",
     "Cancel",
     "Refused",
+    "StatsRequest",
     "Reply",
     "ReplyReader",
     "ReplyReaderV2",
@@ -61,6 +62,7 @@ __all__ = [
     "Timed",
     "pack",
     "pack_cancel_v2",
+    "pack_stats_v2",
     "pack_reply_v2",
     "pack_request_v2",
     "pack_timed_request_v2",
@@ -98,6 +100,7 @@ MAGIC_V2_CONTROL = b"\xffGS\x82"
 CONTROL_BIT = 0x80000000
 KIND_CANCEL = 1  # id: the request to cancel; argument 0; nothing follows
 KIND_TIMED = 2  # argument: deadline in ms; a 4-byte payload length and the payload follow
+KIND_STATS = 3  # id: this frame's own; argument 0; nothing follows; answered with JSON
 TIMED_V2 = struct.Struct("!III")  # id, 0x82000000 | deadline ms, payload length
 MAX_DEADLINE_MS = 0xFFFFFF  # about 4.66 hours; a longer deadline is sent as none
 
@@ -137,6 +140,12 @@ class Cancel(NamedTuple):
     id: int
 
 
+class StatsRequest(NamedTuple):
+    """The client asks for the server's numbers: answer `id` with them, as JSON, at once."""
+
+    id: int
+
+
 class Refused(NamedTuple):
     """A v2 request refused while parsing; the server answers `status` for `id`."""
 
@@ -155,7 +164,7 @@ class Reply(NamedTuple):
 
 BytesLike = bytes | bytearray | memoryview
 #: What :meth:`SessionV2.receive_data` returns.
-Event = Request | Timed | Cancel | Refused
+Event = Request | Timed | Cancel | Refused | StatsRequest
 
 
 class ProtocolError(ValueError):
@@ -372,6 +381,11 @@ def pack_cancel_v2(request_id: int) -> bytes:
     return REQUEST_V2.pack(request_id, CONTROL_BIT | KIND_CANCEL << 24)
 
 
+def pack_stats_v2(request_id: int) -> bytes:
+    """Frame one stats request, answered as `request_id` (a control connection's frame)."""
+    return REQUEST_V2.pack(request_id, CONTROL_BIT | KIND_STATS << 24)
+
+
 def pack_reply_v2(request_id: int, status: Status, body: bytes | bytearray | memoryview) -> bytes:
     """Frame one v2 reply."""
     return REPLY_V2.pack(request_id, status, len(body)) + body
@@ -421,7 +435,10 @@ class SessionV2:
        length word with :data:`CONTROL_BIT` set is a control frame: a request
        with a deadline (a :class:`Timed` event, under the rules of a request)
        or a cancel (a :class:`Cancel` event for an id in flight; ignored for
-       any other id: its one reply has gone already).  An unknown kind is a
+       any other id: its one reply has gone already), or a stats request (a
+       :class:`StatsRequest`, whose id must not be in flight, answered by the
+       caller at once, refused with SHUTTING_DOWN after :meth:`stop`; it does
+       not count toward the pipeline).  An unknown kind is a
        :class:`ProtocolError`, since its size cannot be known.  After the
        plain preamble those words mean a length, as they always did.
     """
@@ -545,6 +562,22 @@ class SessionV2:
                             pos = start
                             if request_id in in_flight:
                                 events.append(Cancel(request_id))
+                            continue
+                        if kind == KIND_STATS:
+                            if request_id in in_flight:
+                                raise ProtocolError(
+                                    f"request id {request_id} reused while in flight"
+                                )
+                            pos = start
+                            if self.stopped:
+                                self._refuse(
+                                    events,
+                                    request_id,
+                                    Status.SHUTTING_DOWN,
+                                    SHUTTING_DOWN_MESSAGE.decode(),
+                                )
+                            else:
+                                events.append(StatsRequest(request_id))
                             continue
                         if kind != KIND_TIMED:
                             raise ProtocolError(f"unknown control frame kind {kind}")

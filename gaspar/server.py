@@ -30,17 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import resource
 import socket
 import struct
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from .address import format_address
 from .dispatcher import Dispatcher, Job
+from .logs import ACCESS_FIELDS
 from .netutil import LINGER_RESET, reset, set_linger
 from .protocol import (
     MAGIC_V2,
@@ -54,11 +57,14 @@ from .protocol import (
     Request,
     RequestReader,
     SessionV2,
+    StatsRequest,
     Status,
     Timed,
 )
 
 log = logging.getLogger("gaspar.server")
+access_log = logging.getLogger("gaspar.access")
+ACCESS_LINE = " ".join(f"{name}=%s" for name in ACCESS_FIELDS)
 
 # v1 states; a v2 connection is OPEN or CLOSING, and CLOSED once lost.
 READING, WAITING, WRITING, CLOSED = range(4)
@@ -73,6 +79,10 @@ QUEUE_FULL_MESSAGE = b"server queue full"
 DEADLINE_MESSAGE = b"deadline passed before the request ran"
 CANCELLED_QUEUED_MESSAGE = b"cancelled before it ran"
 CANCELLED_RUNNING_MESSAGE = b"cancelled while running: its reply will be discarded"
+# How old (seconds) the numbers of a stats reply may be: within it, a stats
+# request costs a copy of the last reply, so that a client cannot make the
+# loop count and encode them for every eight bytes it sends.
+STATS_MAX_AGE = 0.1
 # SO_LINGER off: a close is a FIN after the data already written.
 _NO_LINGER = struct.pack("ii", 0, 0)
 
@@ -89,13 +99,26 @@ class Throttled:
         self.count = 0
         self.next_at = 0.0
 
-    def __call__(self, *args: object) -> None:
+    def __call__(self, *args: object, extra: dict[str, object] | None = None) -> None:
         self.count += 1
         now = time.monotonic()
         if now >= self.next_at:
-            log.log(self.level, self.message + " (%d since the last report)", *args, self.count)
+            log.log(
+                self.level,
+                self.message + " (%d since the last report)",
+                *args,
+                self.count,
+                extra=extra,
+            )
             self.count = 0
             self.next_at = now + self.interval
+
+
+def _shown(value: object) -> object:
+    """An access log field as the text line shows it: seconds to the microsecond, "-" if none."""
+    if value is None:
+        return "-"
+    return f"{value:.6f}" if isinstance(value, float) else value
 
 
 class Peer:
@@ -132,8 +155,17 @@ class Server:
         self._sweep_every = 1.0
         self._all_closed: asyncio.Future[None] | None = None
         self.draining = False
-        # How requests ended, by lower-case status name: every request counts once.
-        self.requests: dict[str, int] = {key: 0 for key in KEYS.values()}
+        # How requests ended, by protocol and lower-case status name: each counts once.
+        self.v1: dict[str, int] = {key: 0 for key in KEYS.values()}
+        self.v2: dict[str, int] = {key: 0 for key in KEYS.values()}
+        self.bytes_in = 0  # read from clients
+        self.bytes_out = 0  # handed to their transports
+        # One line per answered request on the logger gaspar.access (off: a flag check).
+        self.access_log = False
+        # What a stats request is answered with (the producer's stats()).
+        self.stats: Callable[[], dict[str, Any]] = dict
+        self._stats_reply = b""
+        self._stats_at = 0.0
         # v2 connections with replies waiting to be written, all in one go.
         self._unflushed: list[V2Connection] = []
         dispatcher.on_replies = self.flush
@@ -184,6 +216,53 @@ class Server:
         self._listen_fd = self._server.sockets[0].fileno()
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """How requests ended, by lower-case status name, whatever their protocol."""
+        v1, v2 = dict(self.v1), dict(self.v2)  # C calls: safe from another thread
+        return {key: v1[key] + v2[key] for key in v1}
+
+    def stats_reply(self) -> bytes:
+        """The body of a stats reply: :attr:`stats` as JSON, at most STATS_MAX_AGE old."""
+        now = self.loop.time()
+        if not self._stats_reply or now - self._stats_at >= STATS_MAX_AGE:
+            self._stats_reply = json.dumps(self.stats(), separators=(",", ":")).encode()
+            self._stats_at = now
+        return self._stats_reply
+
+    def log_access(
+        self,
+        transport: asyncio.BaseTransport | None,
+        protocol: str,
+        rid: int,
+        size_in: int,
+        size_out: int,
+        status: Status,
+        job: Job | None,
+    ) -> None:
+        """One access log line: a request ended (or was refused) with `status`."""
+        wait = run = worker = None
+        if job is not None:
+            if job.started:
+                wait = round(job.started - job.submitted, 6)
+            if job.micros >= 0:
+                run = job.micros / 1e6
+            if job.worker is not None:
+                worker = job.worker.pid
+        fields = {
+            "client": str(Peer(transport)),
+            "protocol": protocol,
+            "request_id": rid,
+            "bytes_in": size_in if size_in >= 0 else None,
+            "bytes_out": size_out,
+            "status": KEYS[status],
+            "queue_wait": wait,
+            "run_time": run,
+            "worker": worker,
+        }
+        shown = (_shown(fields[name]) for name in ACCESS_FIELDS)
+        access_log.info(ACCESS_LINE, *shown, extra={"_inline": True, **fields})
 
     def admit(self, conn: V1Connection) -> bool:
         """Take `conn` if there is room, closing the longest-idle v2 connection if need be."""
@@ -297,15 +376,19 @@ class _Deadline:
         self.deadline = 0.0
         self.timer_kind = ""
 
-    def client_error(self, message: object) -> None:
-        """Log a client's fault, throttled, with its address."""
-        self.server.client_error(Peer(self.transport), message)
+    def client_error(self, message: object, rid: int | None = None) -> None:
+        """Log a client's fault, throttled, with its address (and the request's id)."""
+        peer = Peer(self.transport)
+        extra: dict[str, object] = {"client": peer}
+        if rid is not None:
+            extra["request_id"] = rid
+        self.server.client_error(peer, message, extra=extra)
 
 
 class V1Connection(_Deadline, asyncio.Protocol):
     """One v1 connection: one request, its reply, a close; or the first bytes of a v2 one."""
 
-    __slots__ = ("head", "job", "reader", "state")
+    __slots__ = ("head", "job", "reader", "size", "state")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -314,6 +397,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.job: Job | None = None
         self.head = b""  # first bytes, while fewer than four have come
+        self.size = -1  # the payload's size, kept for the access log only
         self.deadline = 0.0
         self.timer_kind = ""
 
@@ -345,11 +429,15 @@ class V1Connection(_Deadline, asyncio.Protocol):
             if data[0] == 0xFF and data[:4] in PREAMBLES:
                 self._become_v2(data)
                 return
+        server = self.server
+        server.bytes_in += len(data)
         try:
             payload = reader.feed(data)
         except LimitExceeded as exc:
             self.client_error(f"refused: {exc}")
-            self.server.requests["too_large"] += 1
+            server.v1["too_large"] += 1
+            if server.access_log:
+                server.log_access(self.transport, "v1", 0, exc.size, 0, Status.TOO_LARGE, None)
             self.fail()
             return
         except ProtocolError as exc:
@@ -365,6 +453,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
 
     def body_received(self, nbytes: int) -> None:
         """`nbytes` more of a large payload were read into the reader's buffer."""
+        self.server.bytes_in += nbytes
         payload = self.reader.advance(nbytes)
         if payload is not None:
             assert self.transport is not None
@@ -425,15 +514,23 @@ class V1Connection(_Deadline, asyncio.Protocol):
         self._cancel_timer()
         self.state = WAITING
         server = self.server
+        if server.access_log:
+            self.size = len(payload)
         self.job = server.dispatcher.submit(payload, self._outcome)
         if self.job is None:
             server.queue_full(server.dispatcher.max_queue)
-            server.requests["overloaded"] += 1
+            server.v1["overloaded"] += 1
+            if server.access_log:
+                server.log_access(self.transport, "v1", 0, self.size, 0, Status.OVERLOADED, None)
             self.fail()
 
     def _outcome(self, status: Status, data: bytes | memoryview) -> None:
-        self.job = None
-        self.server.requests[KEYS[status]] += 1
+        job, self.job = self.job, None
+        server = self.server
+        server.v1[KEYS[status]] += 1
+        if server.access_log:
+            sent = len(data) if status is Status.OK and self.state == WAITING else 0
+            server.log_access(self.transport, "v1", 0, self.size, sent, status, job)
         if self.state != WAITING:
             return
         if status is not Status.OK:
@@ -442,6 +539,7 @@ class V1Connection(_Deadline, asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.state = WRITING
+        server.bytes_out += len(data)
         transport.write(data)
         if not transport.get_write_buffer_size():
             self._close_after_reply(transport)
@@ -482,7 +580,16 @@ class V1Connection(_Deadline, asyncio.Protocol):
 class V2Connection(_Deadline, asyncio.Protocol):
     """One v2 connection: the asyncio side of a :class:`gaspar.protocol.SessionV2`."""
 
-    __slots__ = ("flushing", "jobs", "paused", "session", "state", "timers", "write_paused")
+    __slots__ = (
+        "flushing",
+        "jobs",
+        "paused",
+        "session",
+        "sizes",
+        "state",
+        "timers",
+        "write_paused",
+    )
 
     def __init__(self, server: Server, transport: asyncio.Transport) -> None:
         self.server = server
@@ -493,6 +600,8 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self.jobs: dict[int, Job | None] = self.session.in_flight
         # Deadlines of the queued requests that carry one, by id (loop timers).
         self.timers: dict[int, asyncio.TimerHandle] = {}
+        # Payload sizes of the requests in flight, by id: kept for the access log only.
+        self.sizes: dict[int, int] = {}
         self.state = OPEN
         self.paused = False  # we stopped reading (back-pressure, backlog, or stopping)
         self.flushing = False  # the server will call flush()
@@ -508,6 +617,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state != OPEN or self.session.stopped:
             return
+        self.server.bytes_in += len(data)
         try:
             events = self.session.receive_data(data)
         except ProtocolError as exc:
@@ -588,12 +698,15 @@ class V2Connection(_Deadline, asyncio.Protocol):
     def flush(self) -> None:
         """Write the replies gathered since the last write, then read on if we may."""
         self.flushing = False
-        out = self.session.data_to_send()
+        session = self.session
+        size = session.unsent  # the bytes of what data_to_send() hands over
+        out = session.data_to_send()
         transport = self.transport
         if transport is None or self.state == CLOSED:
             return
         # A transport already closing (a reset not yet reported) takes no more.
         if out and not transport.is_closing():
+            self.server.bytes_out += size
             transport.writelines(out)
         if self.state == OPEN:
             self._maybe_resume()
@@ -608,6 +721,8 @@ class V2Connection(_Deadline, asyncio.Protocol):
                 self._control(event)
                 continue
             rid = event.id
+            if server.access_log:
+                self.sizes[rid] = len(event.payload)
             job = dispatcher.submit(event.payload, partial(self._outcome, rid))
             if job is None:
                 server.queue_full(dispatcher.max_queue)
@@ -617,11 +732,17 @@ class V2Connection(_Deadline, asyncio.Protocol):
         if self.session.unsent:
             self._want_flush()  # our preamble, refusals
 
-    def _control(self, event: Timed | Cancel | Refused) -> None:
-        """The events other than a plain request: refusals, deadlines and cancels."""
-        if isinstance(event, Refused):
-            self.server.requests[KEYS[event.status]] += 1
-            self.client_error(f"refused request {event.id}: {event.message}")
+    def _control(self, event: Timed | Cancel | Refused | StatsRequest) -> None:
+        """The events other than a plain request: refusals, deadlines, cancels, stats."""
+        if isinstance(event, StatsRequest):
+            self.session.reply(event.id, Status.OK, self.server.stats_reply())
+            self._want_flush()
+        elif isinstance(event, Refused):
+            server = self.server
+            server.v2[KEYS[event.status]] += 1
+            self.client_error(f"refused request {event.id}: {event.message}", event.id)
+            if server.access_log:
+                server.log_access(self.transport, "v2", event.id, -1, 0, event.status, None)
         elif isinstance(event, Timed):
             self._timed(event)
         else:
@@ -636,6 +757,8 @@ class V2Connection(_Deadline, asyncio.Protocol):
         timer, and its reply cancels it.
         """
         server, rid = self.server, event.id
+        if server.access_log:
+            self.sizes[rid] = len(event.payload)
         if event.deadline_ms == 0:
             self._reply(rid, Status.TIMEOUT, DEADLINE_MESSAGE)
             return
@@ -664,7 +787,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
             return  # answered, cancelled, or started: a started job runs on
         del self.jobs[rid]
         self.server.dispatcher.cancel(job)
-        self._reply(rid, Status.TIMEOUT, DEADLINE_MESSAGE)
+        self._reply(rid, Status.TIMEOUT, DEADLINE_MESSAGE, job)
         self._ended()
 
     def _cancel(self, rid: int) -> None:
@@ -682,14 +805,16 @@ class V2Connection(_Deadline, asyncio.Protocol):
         running = job.worker is not None
         self.server.dispatcher.cancel(job)
         message = CANCELLED_RUNNING_MESSAGE if running else CANCELLED_QUEUED_MESSAGE
-        self._reply(rid, Status.CANCELLED, message)
+        self._reply(rid, Status.CANCELLED, message, job)
         self._ended()
 
     def _outcome(self, rid: int, status: Status, data: bytes | memoryview) -> None:
+        job = self.jobs.pop(rid, None)
         if self.state != OPEN:
-            self.jobs.pop(rid, None)
+            if self.server.access_log:
+                self._access(rid, status, 0, job)
             return
-        self._reply(rid, status, data)  # the session forgets the id as it queues the reply
+        self._reply(rid, status, data, job)
         self._ended()
 
     def _ended(self) -> None:
@@ -699,12 +824,21 @@ class V2Connection(_Deadline, asyncio.Protocol):
         elif not self.jobs:
             self._timers()
 
-    def _reply(self, rid: int, status: Status, body: bytes | memoryview) -> None:
+    def _reply(
+        self, rid: int, status: Status, body: bytes | memoryview, job: Job | None = None
+    ) -> None:
         # Replies that end together (a worker's batch, or refusals) leave in
         # one write: a system call per reply costs more than the wait.
-        self.server.requests[KEYS[status]] += 1
+        server = self.server
+        server.v2[KEYS[status]] += 1
+        if server.access_log:
+            self._access(rid, status, len(body), job)
         self.session.reply(rid, status, body)
         self._want_flush()
+
+    def _access(self, rid: int, status: Status, size_out: int, job: Job | None) -> None:
+        size_in = self.sizes.pop(rid, -1)
+        self.server.log_access(self.transport, "v2", rid, size_in, size_out, status, job)
 
     def _want_flush(self) -> None:
         if not self.flushing:
@@ -764,8 +898,10 @@ class V2Connection(_Deadline, asyncio.Protocol):
         self.server.idle.pop(self, None)
         transport = self.transport
         assert transport is not None
+        size = self.session.unsent
         out = self.session.data_to_send()
         if out and not transport.is_closing():
+            self.server.bytes_out += size
             transport.writelines(out)
         self.state = CLOSING
         self._cancel_timer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import gaspar
 from gaspar.client import request
 from gaspar.errors import RequestFailed
 from tests.conftest import alive, wait_until
@@ -251,3 +253,61 @@ def test_serve_on_loopback_does_not_warn() -> None:
     srv = Server("tests.handlers:echo", "--workers", "1", "--host", "127.0.0.1")
     assert srv.finish() == 0
     assert not any(b"unauthenticated" in line for line in srv.log), srv.log
+
+
+def test_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gaspar", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"gaspar {gaspar.__version__}"
+
+
+def test_request_over_v2_prints_typed_errors() -> None:
+    srv = Server("tests.handlers:behave", "--workers", "1", "--timeout", "0.5")
+    try:
+        address = f"127.0.0.1:{srv.port}"
+        result = gaspar_request(address, "echo:over v2", "--protocol", "v2")
+        assert result.returncode == 0 and result.stdout == b"over v2"
+        result = gaspar_request(address, "spin", "--protocol", "v2")
+        assert result.returncode == 1 and result.stdout == b""
+        assert result.stderr.decode().splitlines() == [
+            f"gaspar request: timeout: request ran past the server's timeout ({address})"
+        ]
+        result = gaspar_request(address, "raise:boom", "--protocol", "v2")
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            b"gaspar request: handler_error: handler raised ValueError: boom"
+        )
+        result = gaspar_request(address, "raise:boom", "--protocol", "v1")
+        assert result.returncode == 1 and b"reset" in result.stderr
+    finally:
+        assert srv.finish() == 0
+
+
+def gaspar_call(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gaspar", "call", *args], capture_output=True, timeout=30, cwd=ROOT
+    )
+
+
+def test_call_a_task_of_an_app() -> None:
+    srv = Server("tests.app_example:app", "--workers", "1")
+    try:
+        address = f"127.0.0.1:{srv.port}"
+        result = gaspar_call(address, "add", "[1, 2]")
+        assert result.returncode == 0 and result.stdout == b"3\n", result.stderr
+        result = gaspar_call(address, "kwargs", '{"a": [1, "x"], "timeout": 5}')
+        assert json.loads(result.stdout) == {"args": [], "kwargs": {"a": [1, "x"], "timeout": 5}}
+        result = gaspar_call(address, "echo", '"just one"')
+        assert json.loads(result.stdout) == "just one"
+        result = gaspar_call(address, "fail", '["it broke"]')
+        assert result.returncode == 1 and result.stdout == b""
+        assert result.stderr.startswith(
+            b"gaspar call: handler_error: task 'fail' raised ValueError"
+        )
+        result = gaspar_call(address, "no_such_task")
+        assert result.returncode == 1 and b"UnknownTask" in result.stderr
+        result = gaspar_call(address, "add", "[1,")
+        assert result.returncode == 2 and b"ARGS is not JSON" in result.stderr
+    finally:
+        assert srv.finish() == 0

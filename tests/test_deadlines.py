@@ -188,7 +188,7 @@ def test_cancel_of_an_id_not_in_flight_is_ignored(one_worker, rec) -> None:
 def test_unknown_control_kind_resets_the_connection(one_worker) -> None:
     c = ControlClient(one_worker.address)
     try:
-        c.sock.sendall(struct.pack("!II", 1, 0x83000000))
+        c.sock.sendall(struct.pack("!II", 1, 0xFF000000))  # kind 127: none
         with pytest.raises((ConnectionResetError, EOFError)):
             c.reply()
     finally:
