@@ -186,6 +186,8 @@ class WorkerAuthenticator:
         self._monitor_fd: int = self._monitor.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._monitor_fd, self._on_monitor)
+        # The descriptor signals only after ZMQ_EVENTS was read once: read it now.
+        self._loop.call_soon(self._on_monitor)
 
     def _count(self) -> None:
         self.refused += 1

@@ -159,6 +159,8 @@ def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, host
     host = hosts(producer.worker_endpoint, *secure_args(keys))
     assert workers_are(producer, 2)
     assert producer.stats()["remote_hosts"] == 1
+    big = os.urandom(3 * 1024 * 1024 + 5)  # a body that travels as a frame of its own
+    assert ask(producer, b"echo:" + big) == big
     served = {int(ask(producer, b"pid")) for _ in range(20)}
     assert served <= host.workers() and set(producer.worker_pids()) == host.workers()
     # A handler that raises: HANDLER_ERROR, and the worker lives.
@@ -256,6 +258,20 @@ def test_a_handler_busy_for_ten_liveness_periods_is_not_declared_dead(serve, hos
     assert workers_are(producer, 1)
     assert ask(producer, b"sleep:3") == b"slept:3"  # 10 x 3 intervals of 0.1 s
     assert producer.stats()["requests"]["worker_lost"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("ours", "theirs"), [(0.1, 0.5), (0.5, 0.1)])
+def test_a_host_and_a_producer_with_different_heartbeats_keep_each_other(
+    serve, hosts, keys, caplog, ours: float, theirs: float
+) -> None:
+    producer = front(serve, keys, heartbeat=ours)
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1, heartbeat=theirs))
+    assert workers_are(producer, 1)
+    # Ten of the quicker side's liveness periods: each side waits for the slower one.
+    assert not wait_until(lambda: producer.stats()["workers"] != 1, timeout=3.5)
+    assert not any("lost" in r.getMessage() for r in caplog.records)
+    assert "nothing heard" not in host.text() and "joining again" not in host.text()
 
 
 def free_port() -> int:
