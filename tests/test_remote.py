@@ -9,6 +9,7 @@ signals, as an operator or a failing machine would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -154,7 +155,10 @@ def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, lis
 
 
 @pytest.mark.timeout(60)
-def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, hosts, keys) -> None:
+def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(
+    serve, hosts, keys, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
     producer = front(serve, keys, timeout=2.0)
     host = hosts(producer.worker_endpoint, *secure_args(keys))
     assert workers_are(producer, 2)
@@ -174,6 +178,9 @@ def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, host
     with pytest.raises(gaspar.WorkerLost):
         ask(producer, b"kill")
     assert workers_are(producer, 2)
+    # Its host said so at once (LOST), not its silence.
+    lost = [r.getMessage() for r in caplog.records if " lost: " in r.getMessage()]
+    assert len(lost) == 1 and "nothing heard" not in lost[0]
     long_job.join(20)
     assert long_box == [b"slept:1"]
     assert len(host.workers() - before) == 1
@@ -240,6 +247,9 @@ def test_a_frozen_host_is_lost_then_rejoins_and_a_killed_one_is_lost(serve, host
     os.killpg(host.pid, signal.SIGCONT)
     assert workers_are(producer, 2)
     assert host.workers() == remote_workers  # rejoined, nothing restarted
+    # At once, told by the producer (UNKNOWN), not after its own deadline and a backoff.
+    assert "does not know it; joining again" in host.text()
+    assert "nothing heard from the producer" not in host.text()
     assert ask(producer, b"echo:back") == b"back"
     running, box = in_thread(ask, producer, b"sleep:5")
     assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
