@@ -8,6 +8,7 @@ signals, as an operator or a failing machine would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import zmq
 
 import gaspar
+from gaspar import workerproto as wp
+from gaspar.aio import AsyncClient
 from gaspar.keys import create_keypair
 from tests import handlers
 from tests.conftest import alive, child_pids, wait_until
@@ -282,6 +286,79 @@ def test_a_host_and_a_producer_with_different_heartbeats_keep_each_other(
     assert not wait_until(lambda: producer.stats()["workers"] != 1, timeout=3.5)
     assert not any("lost" in r.getMessage() for r in caplog.records)
     assert "nothing heard" not in host.text() and "joining again" not in host.text()
+
+
+@pytest.mark.timeout(60)
+def test_hosts_coming_and_going_under_load_fail_no_request(serve, hosts, keys) -> None:
+    producer = front(serve, keys)
+    leaving = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 2)
+    payloads = [b"sleep:0.01"] * 400 + [b"echo:%d" % i for i in range(400)]
+
+    async def burst() -> list[bytes | BaseException]:
+        async with AsyncClient(producer.address, timeout=30) as client:
+            calls = [client.request(p) for p in payloads]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results: list[Any] = []
+    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst())), daemon=True)
+    load.start()
+    assert wait_until(lambda: producer.stats()["requests"]["ok"] >= 50, timeout=20)
+    joining = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 4)
+    leaving.proc.send_signal(signal.SIGTERM)  # mid-load: jobs may be on their way to it
+    assert leaving.proc.wait(20) == 0
+    load.join(40)
+    assert results == [b"slept:0.01"] * 400 + [b"%d" % i for i in range(400)]
+    assert producer.stats()["workers"] == 2 and joining.proc.poll() is None
+
+
+class FakeProducer:
+    """The producer's side of the worker wire, played by the test on a plain loopback ROUTER."""
+
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def expect(self, kind: bytes, timeout: float = 10) -> tuple[bytes, bytes, bytes]:
+        """The next message of `kind` (answering heartbeats meanwhile): identity, id, body."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            identity, head, *rest = self.sock.recv_multipart()
+            if head[:1] == wp.HEARTBEAT:
+                self.send(identity, wp.HEARTBEAT)
+            if head[:1] == kind:
+                return identity, head[1:9], rest[0] if rest else head[wp.HEAD_SIZE :]
+        raise AssertionError(f"no {kind!r} in {timeout}s")
+
+    def send(self, identity: bytes, kind: bytes, jid: int = 0, body: bytes = b"") -> None:
+        self.sock.send_multipart([identity, kind + wp.job_id(jid) + bytes(4) + body])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_leaving_host_answers_a_job_sent_before_its_goodbye_was_read(hosts) -> None:
+    producer = FakeProducer()
+    try:
+        host = hosts(producer.endpoint, "--processes", "1", "--insecure-workers")
+        identity, _, _ = producer.expect(wp.READY)
+        host.proc.send_signal(signal.SIGTERM)
+        assert producer.expect(wp.GOODBYE)[0] == identity
+        # A job the producer sent before it read that GOODBYE: the host still runs it.
+        producer.send(identity, wp.JOB, 7, b"echo:late")
+        assert producer.expect(wp.DONE)[1:] == (wp.job_id(7), b"late")
+        # It stays until the producer answers its GOODBYE (nothing more is on its way then).
+        assert not wait_until(lambda: host.proc.poll() is not None, timeout=1.0)
+        producer.send(identity, wp.GOODBYE)
+        assert host.proc.wait(10) == 0
+    finally:
+        producer.close()
 
 
 def free_port() -> int:
