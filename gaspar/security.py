@@ -142,6 +142,8 @@ def load_server_keys(key: str, allow: str) -> ServerKeys:
     public, secret = _secret_pair(key, "key")
     if not os.path.isdir(allow):
         raise ValueError(f"allow {allow} is not a directory of public certificates")
+    if not zmq.auth.load_certificates(allow):
+        log.warning("allow %s holds no public certificate (*.key): no worker host can join", allow)
     return ServerKeys(public, secret, allow)
 
 
