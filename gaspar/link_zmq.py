@@ -249,6 +249,18 @@ class ZmqLink:
         if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
             self._schedule_check()
 
+    def _drop_former(self, node: str, pid: int) -> None:
+        """A worker joins under a new identity: the slot of its former one is lost now.
+
+        Its host gave that identity up (the producer fell silent for it), so
+        whatever the slot held will never be answered, and the slot is no
+        worker any more.
+        """
+        for identity, slot in list(self._slots.items()):
+            if slot.pid == pid and self._nodes.get(identity) == node:
+                self._forget(identity)
+                self.dispatcher.worker_lost(slot, "it joined again under a new identity")
+
     def _forget(self, identity: bytes) -> None:
         self._slots.pop(identity, None)
         self._nodes.pop(identity, None)
@@ -288,10 +300,11 @@ class ZmqLink:
                 continue
             if info is not None:
                 if identity not in self._slots:
+                    node, beat = _host_of(bytes(body), info)
+                    self._drop_former(node, info.pid)
                     slot = disp.worker_ready(self, identity, info)
                     if slot is not None:
                         self._slots[identity] = slot
-                        node, beat = _host_of(bytes(body), info)
                         self._nodes[identity] = node
                         if seen is not None:
                             seen[identity] = self._tick

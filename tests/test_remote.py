@@ -370,6 +370,29 @@ def test_a_leaving_host_answers_a_job_sent_before_its_goodbye_was_read(hosts) ->
         producer.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_worker_that_joins_again_under_a_new_identity_replaces_its_former_slot(
+    serve, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    producer = serve(
+        handlers.behave, processes=0, worker_bind="tcp://127.0.0.1:0", insecure_workers=True
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ready = wp.READY + bytes(12) + b'{"pid": 4242, "host": "h", "node": "h/1", "heartbeat": 1}'
+    try:
+        for _ in range(2):  # the same worker of the same host, under a second identity
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(producer.worker_endpoint)
+            sock.send(ready)
+            assert workers_are(producer, 1, timeout=10)
+        assert wait_until(lambda: "4242 lost: it joined again" in caplog.text, timeout=10)
+        assert producer.stats()["workers"] == 1 and producer.worker_pids() == [4242]
+    finally:
+        ctx.destroy(linger=0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
