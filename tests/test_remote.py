@@ -274,6 +274,25 @@ def test_a_frozen_host_is_lost_then_rejoins_and_a_killed_one_is_lost(serve, host
     assert time.monotonic() - killed < DETECT
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_at_the_default_heartbeat_a_frozen_or_killed_host_is_noticed_in_about_3s(
+    serve, hosts, keys
+) -> None:
+    producer = front(serve, keys, heartbeat=1.0)
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1, heartbeat=1.0))
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        assert workers_are(producer, 1)
+        running, box = in_thread(ask, producer, b"sleep:2")
+        assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+        os.killpg(host.pid, sig)
+        started = time.monotonic()
+        running.join(30)
+        assert box and isinstance(box[0], gaspar.WorkerLost)
+        assert 2.5 < time.monotonic() - started < 6  # 3 to 4 intervals, and slack
+        os.killpg(host.pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(60)
 def test_a_handler_busy_for_ten_liveness_periods_is_not_declared_dead(serve, hosts, keys) -> None:
     producer = front(serve, keys, heartbeat=0.1)
