@@ -311,6 +311,8 @@ class ZmqLink:
                             if beat and self.heartbeat is not None:
                                 ratio = beat / self.heartbeat
                                 self._limits[identity] = max(LIVENESS, math.ceil(LIVENESS * ratio))
+                            # At once: the host learns our interval before it could miss one.
+                            self._control(identity, wp.HEARTBEAT, self._beat)
                 continue
             slot = self._slots.get(identity)
             if slot is None:
