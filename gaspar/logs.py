@@ -46,6 +46,7 @@ ACCESS_FIELDS = (
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(role)s %(process)d] %(name)s: %(message)s"
 # The roles by depth below the process that configured logging.
 ROLES = ("producer", "supervisor", "worker")
+HOST_ROLE = "host"  # gaspar worker's main process, which relays its workers to a producer
 
 # Attributes every LogRecord has: anything else on a record came as `extra`.
 _STANDARD = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None)).keys()) | {
@@ -67,7 +68,8 @@ def role(pid: int | None = None) -> str:
     if pid == _main_pid:
         return _main_role
     if os.getppid() == _main_pid:
-        return ROLES[1] if _main_role == ROLES[0] else ROLES[2]
+        # Below a producer, or a worker host (gaspar worker), comes its supervisor.
+        return ROLES[1] if _main_role in (ROLES[0], HOST_ROLE) else ROLES[2]
     return ROLES[2]
 
 
