@@ -107,8 +107,8 @@ class Served:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def served() -> Iterator[Callable[..., Served]]:
+def serving() -> Iterator[Callable[..., Served]]:
+    """The `served` fixture: start `gaspar serve` processes; kill each after the test."""
     started: list[Served] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Served:
@@ -119,6 +119,9 @@ def served() -> Iterator[Callable[..., Served]]:
     yield start
     for srv in started:
         srv.kill()
+
+
+served = pytest.fixture(serving, name="served")
 
 
 class Load:
