@@ -575,9 +575,10 @@ class SupervisorLink:
         if self._exit_code is not None:
             return self._exit_code
         if self._gone is None or not self._gone.done():
-            # Not yet exited on its own: it ignored "stop", or we are tearing down early.
+            # Not yet exited on its own: it ignored "stop", or we are tearing down early
+            # (it ignores SIGTERM, which is the process group's).
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL if wait else signal.SIGTERM)
+                os.kill(self.pid, signal.SIGKILL)
         try:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
