@@ -60,6 +60,8 @@ GROUP_SIGNALS = (
 _GOODBYE = wp.frame(wp.GOODBYE, wp.job_id(0), b"")
 _ALIVE = wp.frame(wp.ALIVE, wp.job_id(0), b"")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# A worker's title turns idle once it has had no job for this long (seconds).
+IDLE_TITLE = 0.1
 
 
 class WorkerLimits(NamedTuple):
@@ -215,23 +217,29 @@ def serve(
     leave; once it says so, the worker says GOODBYE before that job's reply,
     answers what it still holds, and serves on until the link ends.  With
     `liveness`, an idle worker says ALIVE each time `liveness` / 3 seconds
-    pass with nothing to read.  `busy` sets the process title around jobs.
+    pass with nothing to read.  `busy` sets the process title: busy when a
+    job comes, idle once nothing has come for IDLE_TITLE seconds (a shorter
+    receive timeout meanwhile), so that a worker under load pays nothing per
+    request for its title; see docs/operations.md.
     """
     link.setblocking(True)
-    if liveness is not None:
-        # The kernel's receive timeout: no poll() before each read.
-        seconds = liveness / 3
-        timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6) or 1)
-        link.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    alive_every = None if liveness is None else liveness / 3
     reader = wp.FrameReader(max_job, JOB_KINDS, reuse_large=True)
     leaving = False
+    titled_busy = False
     try:
+        _receive_timeout(link, alive_every)
         send_frames(link, wp.frame(wp.READY, wp.job_id(0), wp.ready_info()))
         while True:
             try:
                 n = link.recv_into(reader.get_buffer())
-            except BlockingIOError:  # SO_RCVTIMEO: idle for a third of the liveness timeout
-                send_frames(link, _ALIVE)
+            except BlockingIOError:  # SO_RCVTIMEO: nothing came for a while
+                if titled_busy:  # IDLE_TITLE passed: idle now, and back to ALIVE's pace
+                    titled_busy = False
+                    busy(False)  # type: ignore[misc]
+                    _receive_timeout(link, alive_every)
+                else:
+                    send_frames(link, _ALIVE)
                 continue
             if not n:
                 if reader.pending:
@@ -239,8 +247,10 @@ def serve(
                 log.debug("link closed; worker %d leaving", os.getpid())
                 return
             reader.feed(n)
-            if busy is not None:
+            if busy is not None and not titled_busy:
+                titled_busy = True
                 busy(True)
+                _receive_timeout(link, IDLE_TITLE)
             while (message := reader.next()) is not None:
                 kind, jid, count, body = message
                 if kind == wp.JOB:
@@ -256,12 +266,19 @@ def serve(
                             leaving = True
                             send_frames(link, _GOODBYE)
                         send_frames(link, reply)
-            if busy is not None:
-                busy(False)
     except (ConnectionResetError, BrokenPipeError):
         log.debug("link reset; worker %d leaving", os.getpid())
     finally:
         link.close()
+
+
+def _receive_timeout(link: socket.socket, seconds: float | None) -> None:
+    """The kernel's receive timeout on `link` (None: none): no poll() before each read."""
+    whole, micros = 0, 0
+    if seconds is not None:
+        whole = int(seconds)
+        micros = int((seconds - whole) * 1e6) or (0 if whole else 1)  # 0, 0 would mean none
+    link.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micros))
 
 
 def as_bytes(body: bytes | memoryview) -> bytes:
