@@ -47,7 +47,11 @@ Stop: the producer ends the links of idle workers and has busy ones killed
 the supervisor waits S seconds for its workers to leave, then SIGKILLs the
 rest.  Signals sent to the whole process group (TERM, INT, QUIT, HUP, TTIN,
 TTOU) are the producer's to act on: the supervisor and its workers let them
-pass, so that a running job finishes.
+pass, so that a running job finishes.  A supervisor that is its program's main
+process, with no producer above it (``own_signals``: a host of remote
+workers), acts on them itself in the same way (:meth:`Supervisor.handle_signal`):
+its handlers do nothing but let the wake-up pipe carry each signal's number to
+its loop.
 """
 
 from __future__ import annotations
@@ -131,6 +135,8 @@ class Supervisor:
         *,
         target: str | None = None,
         limits: WorkerLimits = WorkerLimits(),  # noqa: B008 (immutable)
+        own_signals: bool = False,
+        grace: float = 30.0,
     ) -> None:
         self.consumer = consumer
         self.processes = processes
@@ -140,6 +146,12 @@ class Supervisor:
         self.limits = limits
         self.workers: dict[int, Child] = {}
         self.generation = 0
+        # A supervisor that is its program's main process (no producer above
+        # it to decide) acts on the group's signals itself: handle_signal.
+        self.own_signals = own_signals
+        self.grace = grace  # for a graceful stop of its own (TERM, INT)
+        self.draining = False
+        self.drain_deadline = 0.0
         # The read end of each worker's pipe for its setup() error.
         self.reports: dict[int, int] = {}
         self.stopping = False
@@ -168,13 +180,52 @@ class Supervisor:
             timeout = None
             if self._wanted() > len(self._active()):
                 timeout = max(0.0, self.next_spawn - time.monotonic())
+            if self.draining:
+                left = self.drain_deadline - time.monotonic()
+                if not self.workers or left <= 0:
+                    self.term_timeout, self.stopping = 0.0, True
+                    break
+                timeout = left if timeout is None else min(timeout, left)
             ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [], timeout)
             if self._wake_r in ready:
-                self._drain_wakeups()
+                signals = self._drain_wakeups()
                 self.reap_workers()
+                for signum in signals:
+                    self.handle_signal(signum)
             if self.control.fileno() in ready:
                 self._read_control()
         self.shutdown()
+
+    def handle_signal(self, signum: int) -> None:
+        """Act on a signal of the group's, for a supervisor that owns them (own_signals).
+
+        As the producer does: TERM, INT: retire every worker, give them `grace`
+        seconds to finish, then stop; a second one, or QUIT: stop at once;
+        HUP: reload; TTIN, TTOU: one worker more, one fewer (never below one).
+        """
+        if not self.own_signals or signum not in GROUP_SIGNALS:
+            return
+        name = signal.Signals(signum).name
+        if signum == signal.SIGQUIT or (self.draining and signum != signal.SIGHUP):
+            log.warning("%s: stopping now", name)
+            self.term_timeout, self.stopping = 0.0, True
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            log.info(
+                "%s: stopping; %d workers get %.3gs to finish", name, len(self.workers), self.grace
+            )
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.grace
+            for pid in list(self.workers):
+                self.retire_worker(pid)
+        elif self.draining:
+            return
+        elif signum == signal.SIGHUP:
+            log.info("SIGHUP: reloading")
+            self.reload()
+        elif signum == signal.SIGTTIN:
+            self.scale(self.processes + 1)
+        elif signum == signal.SIGTTOU:
+            self.scale(self.processes - 1)
 
     def manage_workers(self) -> None:
         """Reach `processes` workers of the current generation: fork, or retire the excess.
@@ -200,6 +251,8 @@ class Supervisor:
 
     def _wanted(self) -> int:
         """How many active workers there should be now: one more while a reload has one to fork."""
+        if self.draining:
+            return 0
         active = self._active().values()
         old = any(c.generation < self.generation for c in active)
         starting = any(not c.ready and c.generation == self.generation for c in active)
@@ -372,23 +425,29 @@ class Supervisor:
     # -- plumbing --------------------------------------------------------------
 
     def _install_signals(self) -> None:
-        # The group's signals are the producer's to act on (see the module's text).
+        # The group's signals are the producer's to act on (see the module's text),
+        # unless this supervisor owns them; their numbers come through the wake-up pipe.
         for sig in GROUP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+            signal.signal(sig, _recorded if self.own_signals else signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, _recorded)
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
-    def _drain_wakeups(self) -> None:
+    def _drain_wakeups(self) -> bytes:
+        """Empty the wake-up pipe: the numbers of the signals that came, one byte each."""
+        got = b""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 512):
-                pass
+            while chunk := os.read(self._wake_r, 512):
+                got += chunk
+        return got
 
     def _wait_for_go(self) -> bool:
         while not self.stopping:
             ready, _, _ = select.select([self.control.fileno(), self._wake_r], [], [])
-            self._drain_wakeups()
+            for signum in self._drain_wakeups():
+                if self.own_signals and signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    self.stopping = True
             if self.control.fileno() in ready and self._read_control():
                 return True
         return False
@@ -449,6 +508,10 @@ class Supervisor:
         self.reports.clear()
         self.control.close()
         _die_with_parent()
+
+
+def _recorded(signum: int, frame: object) -> None:
+    """A signal's handler: nothing; the wake-up pipe carries its number to the loop."""
 
 
 def _die_with_parent() -> None:

@@ -3,10 +3,12 @@ and process titles. Real processes, real signals, bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +18,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import gaspar
+from gaspar import workerproto as wp
 from gaspar.client import request
 from gaspar.errors import RequestFailed
+from gaspar.supervisor import Supervisor, _flush_and_exit
 from tests import handlers
 from tests.conftest import alive, child_pids, wait_until
 
@@ -337,3 +341,99 @@ def test_group_signals_do_not_disturb_a_running_job(served, tmp_path) -> None:
     assert request(srv.address, b"echo:still", timeout=10) == b"still"
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.wait() == 0
+
+
+class MiniProducer:
+    """The producer's side of a supervisor's control socket, as little as it takes: it says
+    "ready" for each worker's READY and ends a retired worker's link at once."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        control.settimeout(20)
+        self.links: dict[int, socket.socket] = {}
+        self.fds: list[int] = []
+        self.inbox = b""
+        self.exited: dict[int, int] = {}
+
+    def next_line(self) -> list[str]:
+        while b"\n" not in self.inbox:
+            data, fds, _, _ = socket.recv_fds(self.control, 65536, 16)
+            assert data, "the supervisor closed its control socket"
+            self.fds.extend(fds)
+            self.inbox += data
+        line, self.inbox = self.inbox.split(b"\n", 1)
+        words = line.decode().split(" ")
+        pid = int(words[1])
+        if words[0] == "spawned":
+            link = socket.socket(fileno=self.fds.pop(0))
+            link.settimeout(20)
+            reader = wp.FrameReader(1 << 20)
+            while (message := reader.next()) is None:
+                n = link.recv_into(reader.get_buffer())
+                assert n, "the worker left before READY"
+                reader.feed(n)
+            assert message[0] == wp.READY
+            self.links[pid] = link
+            self.control.sendall(b"ready %d\n" % pid)
+        elif words[0] == "retire":
+            self.links.pop(pid).close()
+        elif words[0] == "exited":
+            self.exited[pid] = int(words[2])
+        return words
+
+    def expect(self, *kinds: str) -> list[int]:
+        """Read lines until one of each of `kinds` (in any order) came; their pids."""
+        wanted, pids = list(kinds), []
+        while wanted:
+            words = self.next_line()
+            if words[0] in wanted:
+                wanted.remove(words[0])
+                pids.append(int(words[1]))
+        return pids
+
+
+def test_a_supervisor_that_owns_its_signals() -> None:
+    """The supervisor as a program's main process (what `gaspar worker` reuses): TTIN,
+    TTOU, HUP and TERM, with each new worker ready before an old one is retired."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        code = 1
+        try:
+            ours.close()
+            consumer = gaspar.Consumer(handlers.echo)
+            code = Supervisor(consumer, 2, theirs, 1 << 20, own_signals=True, grace=5).run()
+        finally:
+            _flush_and_exit(code)
+    theirs.close()
+    producer = MiniProducer(ours)
+    try:
+        ours.sendall(b"go\n")
+        first = set(producer.expect("spawned", "spawned"))
+        os.kill(pid, signal.SIGTTIN)
+        (third,) = producer.expect("spawned")
+        os.kill(pid, signal.SIGTTOU)
+        (retired,) = producer.expect("retire")
+        assert retired == third  # the highest slot number goes first
+        assert producer.expect("exited") == [third] and producer.exited[third] == 0
+        os.kill(pid, signal.SIGHUP)
+        kinds = []
+        while len(producer.links) < 2 or set(producer.links) & first:
+            kinds.append(producer.next_line()[0])
+        # One at a time: each new worker is ready (we said so on "spawned") before an old
+        # one is retired, and the next is forked only then.
+        assert kinds[:3] == ["spawned", "retire", "spawned"]
+        last = set(producer.links)
+        os.kill(pid, signal.SIGTERM)
+        assert set(producer.expect("retire", "retire")) == last
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert all(code == 0 for code in producer.exited.values())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        for link in producer.links.values():
+            link.close()
+        ours.close()
