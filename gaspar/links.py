@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gaspar.links")
 
-# What the producer reads from a local worker: READY, replies, GOODBYE and ALIVE.
-REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED, wp.GOODBYE, wp.ALIVE))
+# What the producer reads from a worker: READY, replies and GOODBYE; and from a local
+# one, ALIVE too.
+REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED, wp.GOODBYE))
+LOCAL_KINDS = REPLY_KINDS | {wp.ALIVE}
 
 
 def _ignore_pid(pid: int) -> None:
@@ -79,7 +81,7 @@ class LocalConnection(asyncio.BufferedProtocol):
     def __init__(self, link: LocalLink, pid: int) -> None:
         self.link = link
         self.pid = pid
-        self.reader = wp.FrameReader(link.max_reply, REPLY_KINDS)
+        self.reader = wp.FrameReader(link.max_reply, LOCAL_KINDS)
         self.transport: asyncio.Transport | None = None
         self.slot: WorkerSlot | None = None
         self.broken = ""  # why this end dropped the worker, if it did

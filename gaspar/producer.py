@@ -269,12 +269,17 @@ class Producer:
         re-imports that module, so that new code is served; a module that fails
         to import leaves the old workers serving, and the log says why.  A
         handler given from Python keeps its code: only the processes are new.
-        Safe from any thread; returns at once (see docs/operations.md).
+        Safe from any thread; returns at once (see docs/operations.md);
+        RuntimeError unless the producer is running.
         """
         self._control(lambda link: link.reload())
 
     def scale(self, processes: int) -> None:
-        """Have `processes` workers (at least 1); safe from any thread; returns at once."""
+        """Have `processes` workers (at least 1); safe from any thread; returns at once.
+
+        New workers are forked at once; surplus ones finish what they hold and
+        leave.  RuntimeError unless the producer is running.
+        """
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ValueError(f"processes must be an integer at least 1, got {processes!r}")
 

@@ -88,7 +88,11 @@ class Recycler:
         # /proc/self/statm, opened once: each pread of it is read afresh.
         self.statm = -1
         if self.max_memory is not None:
-            self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                log.warning("max_worker_memory not checked: %s", exc)
+                self.max_memory = None
 
     def __call__(self) -> bool:
         """One request done: is it time to leave?"""
