@@ -514,7 +514,8 @@ class Producer:
         def on_exited(pid: int, code: int) -> None:
             # During start-up any death is a failure of it: a worker that
             # crashes (not raises) in setup() would otherwise be replaced for ever.
-            if self.state == STARTING and not boot_failed:
+            # Code 0 is a worker that recycled itself (max_requests), not a death.
+            if self.state == STARTING and not boot_failed and code != 0:
                 boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
             local.exited(pid, code)
             dispatcher.notify()  # the wait below may be for this
