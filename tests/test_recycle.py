@@ -15,8 +15,8 @@ import pytest
 import gaspar
 from gaspar.client import request
 from tests import handlers
-from tests.conftest import alive, wait_until
-from tests.test_signals import Load
+from tests.conftest import wait_until
+from tests.test_signals import Load, alive
 
 _leak: list[bytes] = []
 

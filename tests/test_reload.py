@@ -16,8 +16,8 @@ import pytest
 import gaspar
 from gaspar.client import request
 from tests import handlers
-from tests.conftest import alive, wait_until
-from tests.test_signals import ROOT, Load, serving
+from tests.conftest import wait_until
+from tests.test_signals import ROOT, Load, alive, serving
 
 served = pytest.fixture(serving, name="served")
 
