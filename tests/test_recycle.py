@@ -3,6 +3,7 @@ failed, and liveness: a worker that hangs while idle is noticed and replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -114,3 +115,23 @@ def test_a_busy_worker_is_not_taken_for_a_hung_one(serve) -> None:
     producer = serve(handlers.behave, processes=1, liveness_timeout=0.5)
     assert request(producer.address, b"sleep:2", timeout=10) == b"slept:2"
     assert producer.stats()["requests"]["worker_lost"] == 0
+
+
+def test_max_requests_mid_batch_fails_nothing(serve) -> None:
+    """Many tiny requests in flight at once make batches: a worker whose limit falls inside
+    one says GOODBYE there, answers the rest of its batch, and only then leaves."""
+    producer = serve(handlers.behave, processes=2, max_requests=3)
+
+    async def burst() -> list[bytes]:
+        async with gaspar.AsyncClient(producer.address, timeout=30) as client:
+            return await asyncio.gather(*(client.request(b"pid") for _ in range(400)))
+
+    replies: list[bytes] = []
+    for _ in range(5):
+        replies += asyncio.run(burst())
+        if producer.stats()["batches"]:
+            break
+    stats = producer.stats()
+    assert stats["batches"] > 0, "no batch was made: the test proves nothing"
+    assert stats["requests"]["ok"] == len(replies) and stats["requests"]["worker_lost"] == 0
+    assert len(set(replies)) >= 10
