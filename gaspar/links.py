@@ -85,6 +85,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.slot: WorkerSlot | None = None
         self.broken = ""  # why this end dropped the worker, if it did
+        self.released = False  # leaving: its link ends once it holds nothing
         self.heard = False  # something came since the last liveness check
         self.quiet = 0  # liveness checks in a row it was idle and said nothing
 
@@ -132,6 +133,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         if slot is not None and (slot.job is not None or slot.batch):
             return
         self.slot = None  # out of the pool already: its EOF is no loss
+        self.released = True  # (if not attached yet, _attached ends it)
         if self.transport is not None:
             self.transport.close()
 
@@ -303,3 +305,5 @@ class LocalLink:
             self.kill_pid(conn.pid)
         elif self._closed and conn.transport is not None:
             conn.transport.abort()
+        elif conn.released and conn.transport is not None:
+            conn.transport.close()
