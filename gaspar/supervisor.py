@@ -65,6 +65,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -121,6 +122,30 @@ def reimport(target: str) -> Consumer:
         else:
             sys.modules.pop(module_name, None)
         raise
+
+
+def close_inherited_sockets(keep: int) -> None:
+    """Close every socket this new supervisor inherited, but its control socket `keep`.
+
+    The process that forks a supervisor may hold sockets that must end when
+    it closes them: another producer's links to its workers and its own
+    control socket, client connections, a listening port.  A copy here (and in
+    every worker forked from here) would keep them open, so that those workers
+    never saw their link end, nor a client its connection.  Other descriptors
+    (files, pipes) are left to the handler.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every descriptor up to the limit
+        fds = list(range(3, min(os.sysconf("SC_OPEN_MAX"), 1 << 16)))
+    for fd in fds:
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass  # the directory listing's own descriptor, closed by now
 
 
 class Supervisor:
@@ -586,6 +611,7 @@ class SupervisorLink:
             code = 1
             try:
                 ours.close()
+                close_inherited_sockets(keep=theirs.fileno())
                 code = Supervisor(
                     consumer, processes, theirs, max_job, target=target, limits=limits
                 ).run()

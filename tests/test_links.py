@@ -463,3 +463,31 @@ def test_the_local_link_works_on_either_event_loop(serve, use_uvloop: bool) -> N
         v2_request(producer.address, b"kill", 20)
     assert wait_until(lambda: len(producer.worker_pids()) == 2, timeout=10)
     assert request(producer.address, b"echo:after", timeout=10) == b"after"
+
+
+def socket_inodes(pid: int | str) -> set[str]:
+    """The socket inodes process `pid` holds ("socket:[N]")."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
+
+
+@pytest.mark.timeout(30)
+def test_a_second_producer_holds_none_of_the_first_ones_sockets(serve) -> None:
+    """Two producers in one process: the second one's supervisor (and so its workers)
+    keeps no socket of the first's, whose workers must see their links end when it stops."""
+    first = serve(handlers.echo, processes=1)
+    before = socket_inodes("self")
+    second = serve(handlers.echo, processes=1)
+    assert second.supervisor_pid is not None
+    for pid in [second.supervisor_pid, *second.worker_pids()]:
+        assert not socket_inodes(pid) & before, pid
+    workers = first.worker_pids()
+    started = time.monotonic()
+    first.stop(grace=5)
+    assert time.monotonic() - started < 4  # not the 5 s after which workers are killed
+    assert not any(alive(pid) for pid in workers)
