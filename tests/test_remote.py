@@ -448,9 +448,12 @@ def test_a_host_rejoins_a_producer_restarted_on_the_same_port(hosts, keys) -> No
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("whom", ["main", "group"])
 def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
-    serve, hosts, keys
+    serve, hosts, keys, whom: str
 ) -> None:
+    """SIGTERM to `gaspar worker`, or to its whole process group (what systemd's
+    control-group, `timeout` and a container runtime send): the job it runs finishes."""
     producer = front(serve, keys, processes=1)
     host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1))
     assert workers_are(producer, 2)
@@ -461,7 +464,10 @@ def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
     running, box = in_thread(ask, producer, b"sleep:2")
     assert wait_until(lambda: producer.stats()["in_flight"] == 2, timeout=10)
     processes = host.processes()
-    host.proc.send_signal(signal.SIGTERM)
+    if whom == "main":
+        host.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(host.pid, signal.SIGTERM)
     # Its slot leaves the pool at once, though its job still runs.
     assert wait_until(lambda: producer.stats()["workers"] == 1, timeout=1.5)
     assert running.is_alive()
