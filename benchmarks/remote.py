@@ -317,6 +317,25 @@ def interleaved(
     return runs
 
 
+def remote_missing() -> str | None:
+    """Why remote workers cannot be run here, or None."""
+    argv = [PYTHON, "-m", "gaspar", "worker", "--help"]
+    if subprocess.run(argv, capture_output=True, cwd=ROOT).returncode:
+        return "gaspar worker is not available in this revision"
+    return None
+
+
+def runnable(setups: list[Setup], report: list[str]) -> list[Setup]:
+    """`setups` less those that need remote workers where there are none (said in `report`)."""
+    reason = remote_missing()
+    if reason is None:
+        return setups
+    skipped = [s.name for s in setups if s.remote]
+    if skipped:
+        report += [f"Not run ({reason}): {', '.join(skipped)}.", ""]
+    return [s for s in setups if not s.remote]
+
+
 @contextlib.contextmanager
 def started(setups: list[Setup], keys: Keys) -> Iterator[list[Setup]]:
     try:
@@ -508,8 +527,9 @@ def part_pool(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
         Setup("2 remote, --insecure-workers", "work", 0, 2, secure=False),
         Setup("2 local + 2 remote, CURVE", "work", 2, 2),
     ]
-    with started(setups, keys):
-        runs = interleaved(setups, args, {"concurrency": 16, "mix": CPU_2MS})
+    notes: list[str] = []
+    with started(runnable(setups, notes), keys) as running:
+        runs = interleaved(running, args, {"concurrency": 16, "mix": CPU_2MS})
     report += [
         "### A 2 ms CPU-bound handler: local and remote workers",
         "",
@@ -529,6 +549,9 @@ def part_pool(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
             f"{median(rows, 'host_us'):.1f} | {median(rows, 'workers_us'):.0f} | "
             f"{sum(r['errors'] for r in rows)} |"
         )
+    report += ["", *notes]
+    if len(runs) < len(setups):
+        return
     local, curve, plain = (runs[s.name] for s in setups[:3])
     hop = median(curve, "producer_us") - median(local, "producer_us")
     cost = median(curve, "producer_us") + median(curve, "host_us")
@@ -546,6 +569,9 @@ def part_pool(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
 
 
 def part_rtt(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
+    if missing := remote_missing():
+        report += [f"The round-trip part was not run: {missing}.", ""]
+        return
     reason = netem_unavailable()
     how = "tc netem on a veth pair between two namespaces"
     if reason:
@@ -593,8 +619,9 @@ def part_rtt(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
 def part_limits(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
     print("limits: 16-byte echo over v2, 64 in flight", flush=True)
     setups = [Setup("2 local workers", "work", 2), Setup("front end, 2 remote", "work", 0, 2)]
-    with started(setups, keys):
-        runs = interleaved(setups, args, {"concurrency": 64, "size": 16})
+    notes: list[str] = []
+    with started(runnable(setups, notes), keys) as running:
+        runs = interleaved(running, args, {"concurrency": 64, "size": 16})
     report += [
         "### What one producer's event loop handles",
         "",
@@ -612,10 +639,13 @@ def part_limits(args: argparse.Namespace, keys: Keys, report: list[str]) -> None
             f"{median(rows, 'producer_share') * 100:.0f}% | {1e6 / us:,.0f} | "
             f"{sum(r['errors'] for r in rows)} |"
         )
-    report.append("")
+    report += ["", *notes]
 
 
 def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
+    if missing := remote_missing():
+        report += [f"The simulated hosts were not run: {missing}.", ""]
+        return
     hosts, idle = 50, max(5.0, args.duration * 2)
     print(f"hosts: {hosts} simulated worker hosts, {idle:g} s idle", flush=True)
     try:
