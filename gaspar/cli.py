@@ -1,4 +1,4 @@
-"""The ``gaspar`` command: ``gaspar serve``, ``request``, ``bench`` and ``keygen``."""
+"""The ``gaspar`` command: ``gaspar serve``, ``worker``, ``request``, ``bench`` and ``keygen``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .address import is_loopback_host
 from .client import request
 from .consumer import Consumer, as_consumer
 from .errors import RequestFailed, StartupError
-from .options import PRODUCER_OPTIONS, add_flags
+from .options import OPTIONS, PRODUCER_OPTIONS, add_flags
 from .producer import Producer
 
 log = logging.getLogger("gaspar.cli")
@@ -67,6 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("cannot load %s: %s", args.target, exc)
         return EXIT_USAGE
     settings = {o.name: getattr(args, o.name) for o in PRODUCER_OPTIONS}
+    refusal = _worker_bind_refusal(args)
+    if refusal:
+        print(f"gaspar serve: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         producer = Producer(consumer, **settings)
     except ValueError as exc:  # the flags were checked already: only a bug gets here
@@ -79,6 +83,60 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError:  # the producer has logged its cause
         return 1
     return 0
+
+
+def _worker_bind_refusal(args: argparse.Namespace) -> str:
+    """Why `gaspar serve` refuses its worker-host flags, in their own words ("" if it does not)."""
+    if args.worker_bind is None:
+        if args.processes == 0:
+            return "--workers 0 (no local workers) needs --worker-bind for worker hosts"
+        if args.key is not None or args.allow is not None or args.insecure_workers:
+            return "--key, --allow and --insecure-workers apply to --worker-bind only"
+        return ""
+    from .security import check_endpoint, load_server_keys  # ZeroMQ: only when asked for
+
+    try:
+        if check_endpoint(
+            args.worker_bind,
+            (args.key, args.allow),
+            args.insecure_workers,
+            ("--worker-bind", "--key", "--allow", "--insecure-workers"),
+        ):
+            load_server_keys(args.key, args.allow)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .remote import host_keys, run_worker_host  # ZeroMQ: only this subcommand needs it
+
+    try:
+        consumer = load_target(args.target)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        log.error("cannot load %s: %s", args.target, exc)
+        return EXIT_USAGE
+    try:
+        host_keys(
+            args.endpoint,
+            args.key,
+            args.server_key,
+            args.insecure_workers,
+            ("endpoint", "--key", "--server-key", "--insecure-workers"),
+        )
+    except ValueError as exc:
+        print(f"gaspar worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_worker_host(
+        consumer,
+        args.endpoint,
+        processes=args.processes,
+        key=args.key,
+        server_key=args.server_key,
+        heartbeat=args.heartbeat,
+        grace=args.grace,
+        insecure_workers=args.insecure_workers,
+    )
 
 
 def _request(args: argparse.Namespace) -> int:
@@ -108,6 +166,16 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer at least 1, got {text!r}")
+    return value
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (and exit code 2), not usage text."""
 
@@ -130,6 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("target", help="MODULE:ATTR naming a handler, Consumer or Consumer class")
     add_flags(serve)
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run workers that join a producer on another host",
+        description="Fork worker processes (from one supervisor) that join the pool of the "
+        "producer whose --worker-bind is ENDPOINT, over CURVE.",
+    )
+    worker.add_argument("endpoint", metavar="ENDPOINT", help="the producer's tcp://HOST:PORT")
+    worker.add_argument("target", help="MODULE:ATTR naming a handler, Consumer or Consumer class")
+    worker.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="worker processes (default: the CPUs this process may use)",
+    )
+    worker.add_argument("--key", metavar="FILE", help="this host's secret certificate")
+    worker.add_argument("--server-key", metavar="FILE", help="the producer's public certificate")
+    worker.add_argument(
+        "--insecure-workers",
+        action="store_true",
+        help="join without CURVE; only for a loopback ENDPOINT",
+    )
+    add_flags(worker, [o for o in OPTIONS if o.name in ("heartbeat", "grace", "log_level")])
+    worker.set_defaults(func=_worker)
 
     req = sub.add_parser("request", help="send one request and print the reply")
     req.add_argument("address", help="HOST:PORT or [IPV6]:PORT")
@@ -159,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit status."""
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "worker"):
         configure_logging(args.log_level)
     result: int = args.func(args)
     return result

@@ -1,8 +1,9 @@
 """The ZeroMQ worker link: a ROUTER the dispatcher's workers reach with DEALER sockets.
 
 The second kind of worker link (the first, for local workers, is
-gaspar/links.py).  Workers may run anywhere an endpoint reaches; the next
-step takes it onto tcp:// with CURVE and heartbeats.  A message is one or two
+gaspar/links.py).  Workers may run anywhere an endpoint reaches: worker hosts
+(gaspar/remote.py, ``gaspar worker``) join over tcp:// with CURVE
+(gaspar/security.py) and heartbeats in both directions.  A message is one or two
 ZeroMQ frames: the head of gaspar/workerproto.py followed by the body when it
 is small, or the head alone and the body as a second frame, sent without a
 copy.  The ROUTER prepends the worker's identity on receipt and strips it on
@@ -10,15 +11,16 @@ send; workers never see identities.  A worker is known by that identity; its
 pid is information (and what its host's supervisor kills).
 
 Few frames and plain-int flags matter here: each frame or flag-enum operation
-in pyzmq costs microseconds.  This module is the only one of gaspar's that
-imports ZeroMQ, and only a producer with a ZeroMQ link, or a ZeroMQ worker,
-loads it: local workers and the supervisor never do.
+in pyzmq costs microseconds.  Only this module, gaspar/security.py and
+gaspar/remote.py import ZeroMQ, and only a producer with a worker endpoint,
+or a worker host, loads them: local workers and the supervisor never do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from . import workerproto as wp
 from .consumer import Consumer
 from .dispatcher import Dispatcher, WorkerSlot, WorkerUnreachable
 from .links import REPLY_KINDS
+from .security import ServerKeys, WorkerAuthenticator
 from .worker import Frames, run
 
 log = logging.getLogger("gaspar.link_zmq")
@@ -40,6 +43,11 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 # Seconds between checks, while idle, that a ZeroMQ worker's parent still exists.
 ORPHAN_CHECK = 1.0
+# Heartbeat intervals of silence after which a peer is lost (the Paranoid Pirate's liveness).
+LIVENESS = 3
+ZERO_ID = wp.job_id(0) + bytes(4)  # the id and number of a message that names no job
+# What the producer reads on this link: READY, replies, GOODBYE, and from hosts these two.
+ZMQ_KINDS = REPLY_KINDS | {wp.HEARTBEAT, wp.LOST}
 
 
 def send(sock: zmq.Socket[bytes], frames: Frames) -> None:
@@ -77,10 +85,21 @@ def split(
 class ZmqLink:
     """The producer's side: a ROUTER bound to `endpoint`, read on the dispatcher's loop.
 
-    Losses are not seen on this link yet (the next step adds heartbeats): a
-    worker's supervisor reports them through :meth:`worker_exited`, and a send
-    to an identity ZeroMQ knows is gone fails (ROUTER_MANDATORY).  `kill`
-    asks whoever runs the worker to kill it, by pid.
+    With `heartbeat` (seconds; for worker hosts, gaspar/remote.py), every
+    known worker is sent HEARTBEAT each interval, and one from which nothing
+    came for LIVENESS intervals is lost: its running job and batch fail
+    WORKER_LOST, its slot leaves.  A message from an identity this link does
+    not know is answered UNKNOWN, which makes the host join again under a new
+    identity (after a producer restart, or a host that was frozen).  A LOST
+    frame from a host reports a worker process that died.  Without
+    `heartbeat` (tests, and :func:`serve_worker`), losses are reported through
+    :meth:`worker_exited`, and a send to an identity ZeroMQ knows is gone
+    fails (ROUTER_MANDATORY).
+
+    `kill` asks whoever runs the worker to kill it, by pid; without it, the
+    link sends KILL to the worker's host, which has its supervisor do it.
+    With `keys` the socket is a CURVE server that accepts only the worker
+    keys of their allow directory (gaspar/security.py).
     """
 
     def __init__(
@@ -88,8 +107,11 @@ class ZmqLink:
         dispatcher: Dispatcher,
         endpoint: str,
         *,
-        kill: Callable[[int], None],
+        kill: Callable[[int], None] | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        heartbeat: float | None = None,
+        keys: ServerKeys | None = None,
+        max_reply: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self._kill = kill
@@ -97,22 +119,49 @@ class ZmqLink:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
         self._loop = asyncio.get_running_loop()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
+        self.auth: WorkerAuthenticator | None = None
         try:
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if max_reply is not None:
+                # A larger message is refused (the peer disconnected) before it is stored.
+                self._sock.setsockopt(zmq.MAXMSGSIZE, max_reply + wp.HEAD_SIZE)
+            if keys is not None:
+                self.auth = WorkerAuthenticator(self._ctx, keys)
+                self.auth.secure(self._sock)
             self._sock.bind(endpoint)
         except zmq.ZMQError:
             # An open socket would make the context's term() wait forever.
+            if self.auth is not None:
+                self.auth.close()
             self._sock.close(linger=0)
             if self._own_ctx:
                 self._ctx.term()
             raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._slots: dict[bytes, WorkerSlot] = {}
+        # Heartbeats: the tick each identity was last heard from, and its host.
+        self.heartbeat = heartbeat
+        self._tick = 0
+        self._seen: dict[bytes, int] | None = {} if heartbeat is not None else None
+        self._nodes: dict[bytes, str] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._check_scheduled = False
         self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop.add_reader(self._fd, self._on_readable)
+        if heartbeat is not None:
+            self._timer = self._loop.call_later(heartbeat, self._on_tick)
         dispatcher.links.append(self)
+
+    @property
+    def workers(self) -> int:
+        """Workers of this link that are ready or busy."""
+        return sum(1 for slot in list(self._slots.values()) if not (slot.doomed or slot.leaving))
+
+    @property
+    def hosts(self) -> int:
+        """Worker hosts with a worker in the pool (safe from another thread)."""
+        return len(set(list(self._nodes.values())))
 
     # -- the seam --------------------------------------------------------------
 
@@ -130,7 +179,7 @@ class ZmqLink:
             send(self._sock, wp.frame(kind, jid, body, number))
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: ZeroMQ already knows the peer is gone.
-            self._slots.pop(slot.key, None)  # type: ignore[call-overload]
+            self._forget(slot.key)  # type: ignore[arg-type]
             raise WorkerUnreachable(str(exc)) from exc
         # A send can consume the edge-triggered FD's notice of pending input:
         # look now, and read on the next loop pass if there is some.
@@ -139,13 +188,20 @@ class ZmqLink:
 
     def kill(self, slot: WorkerSlot) -> None:
         """Have `slot`'s worker killed (its job ran past the timeout)."""
-        self._kill(slot.pid)
+        if self._kill is not None:
+            self._kill(slot.pid)
+        else:
+            self._control(slot.key, wp.KILL)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Stop reading and close the ROUTER socket (and the context, if ours)."""
         if self._sock.closed:
             return
+        if self._timer is not None:
+            self._timer.cancel()
         self._loop.remove_reader(self._fd)
+        if self.auth is not None:
+            self.auth.close()
         self._sock.close(linger=0)
         if self._own_ctx:
             self._ctx.destroy(linger=0)
@@ -154,8 +210,43 @@ class ZmqLink:
         """The supervisor of this link's workers reports that worker `pid` ended."""
         for key, slot in list(self._slots.items()):
             if slot.pid == pid:
-                del self._slots[key]
+                self._forget(key)
                 self.dispatcher.worker_lost(slot, f"it exited with code {code}")
+
+    # -- heartbeats ------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        """Every heartbeat: lose the silent, send HEARTBEAT to the others."""
+        assert self.heartbeat is not None and self._seen is not None
+        self._timer = self._loop.call_later(self.heartbeat, self._on_tick)
+        self._tick += 1
+        seen, tick = self._seen, self._tick
+        for identity, slot in list(self._slots.items()):
+            silent = tick - seen.get(identity, tick)
+            if slot.leaving and slot.job is None and not slot.batch:
+                self._forget(identity)  # it left (GOODBYE) and holds nothing
+            elif silent > LIVENESS:
+                self._forget(identity)
+                self.dispatcher.worker_lost(
+                    slot, f"nothing heard from it for {silent * self.heartbeat:.3g}s"
+                )
+            else:
+                self._control(identity, wp.HEARTBEAT)
+
+    def _control(self, identity: bytes, kind: bytes) -> None:
+        """Send a body-less message of `kind` to `identity`, if it is still there."""
+        try:
+            self._sock.send_multipart((identity, kind + ZERO_ID))
+        except zmq.ZMQError:
+            return  # gone: its silence will tell
+        if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
+            self._schedule_check()
+
+    def _forget(self, identity: bytes) -> None:
+        self._slots.pop(identity, None)
+        self._nodes.pop(identity, None)
+        if self._seen is not None:
+            self._seen.pop(identity, None)
 
     # -- reading ---------------------------------------------------------------
 
@@ -172,6 +263,7 @@ class ZmqLink:
         if sock.closed:
             return
         disp = self.dispatcher
+        seen = self._seen
         disp.begin_pass()
         while sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
             identity = sock.recv(NOBLOCK)
@@ -181,7 +273,7 @@ class ZmqLink:
                     raise ValueError("message without a body")
                 kind, jid, number, body = split(sock.recv(NOBLOCK), sock, NOBLOCK, copy=False)
                 info = wp.parse_ready(bytes(body)) if kind == wp.READY else None
-                if info is None and kind not in REPLY_KINDS:
+                if info is None and kind not in ZMQ_KINDS:
                     raise ValueError(f"unknown message kind {kind!r}")
             except ValueError as exc:
                 log.warning("malformed message from a worker dropped: %s", exc)
@@ -191,21 +283,43 @@ class ZmqLink:
                     slot = disp.worker_ready(self, identity, info)
                     if slot is not None:
                         self._slots[identity] = slot
+                        self._nodes[identity] = _node(bytes(body), info)
+                        if seen is not None:
+                            seen[identity] = self._tick
                 continue
             slot = self._slots.get(identity)
             if slot is None:
+                if seen is not None and kind != wp.LOST:
+                    self._control(identity, wp.UNKNOWN)
                 continue
-            if kind == wp.GOODBYE:
-                disp.worker_leaving(slot)
-            else:
+            if seen is not None:
+                seen[identity] = self._tick
+            if kind == wp.DONE or kind == wp.FAILED:
                 disp.handle_reply(slot, kind, jid, number, body)
+            elif kind == wp.GOODBYE:
+                disp.worker_leaving(slot)
+                self._control(identity, wp.GOODBYE)  # seen: nothing more comes
+            elif kind == wp.LOST:
+                self._forget(identity)
+                why = bytes(body).decode("utf-8", "replace") or "its host says it died"
+                disp.worker_lost(slot, why)
+
+
+def _node(body: bytes, info: wp.ReadyInfo) -> str:
+    """The worker host a READY came through ("node" in its info), else the worker's host."""
+    try:
+        node = json.loads(body).get("node")
+    except ValueError:
+        node = None
+    return node if isinstance(node, str) else f"{info.host} {info.pid}"
 
 
 def serve_worker(consumer: Consumer, endpoint: str) -> None:
     """A worker on the ZeroMQ link: DEALER to `endpoint`, READY, then answer jobs.
 
     It runs until its parent process is gone (checked every ORPHAN_CHECK
-    seconds while idle).  The next step makes this the ``gaspar worker`` command.
+    seconds while idle).  No heartbeats: for a link without them (tests); a
+    worker on another host runs under ``gaspar worker`` (gaspar/remote.py).
     """
     parent = os.getppid()
     ctx = zmq.Context(io_threads=1)

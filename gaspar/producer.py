@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     import asyncio
 
     from .dispatcher import Dispatcher
+    from .link_zmq import ZmqLink
     from .links import LocalLink
+    from .security import ServerKeys
     from .server import Server
 
 log = logging.getLogger("gaspar.producer")
@@ -128,6 +130,11 @@ class Producer:
         grace: float = DEFAULTS["grace"],
         use_uvloop: bool | None = DEFAULTS["use_uvloop"],
         tune_malloc: bool = DEFAULTS["tune_malloc"],
+        worker_bind: str | None = DEFAULTS["worker_bind"],
+        key: str | None = DEFAULTS["key"],
+        allow: str | None = DEFAULTS["allow"],
+        heartbeat: float = DEFAULTS["heartbeat"],
+        insecure_workers: bool = DEFAULTS["insecure_workers"],
     ) -> None:
         # Every option is checked against gaspar/options.py; a bad one is a
         # one-line ValueError naming it and what it may be.
@@ -137,7 +144,25 @@ class Producer:
         self.options: dict[str, Any] = o  # every option, checked, by name
         self.host: str = o["host"]
         self.port: int = o["port"]
-        self.processes: int = o["processes"] or available_cpus()
+        # None: one per CPU; 0: none (a front end for worker hosts).
+        self.processes: int = available_cpus() if o["processes"] is None else o["processes"]
+        self.worker_bind: str | None = o["worker_bind"]
+        self.heartbeat: float = o["heartbeat"]
+        self._worker_keys: ServerKeys | None = None
+        if self.worker_bind is not None:
+            from .security import check_endpoint, load_server_keys  # loads ZeroMQ
+
+            if check_endpoint(
+                self.worker_bind,
+                (o["key"], o["allow"]),
+                o["insecure_workers"],
+                ("worker_bind", "key", "allow", "insecure_workers"),
+            ):
+                self._worker_keys = load_server_keys(o["key"], o["allow"])
+        elif self.processes == 0:
+            raise ValueError("processes=0 (no local workers) needs worker_bind for worker hosts")
+        elif o["key"] is not None or o["allow"] is not None or o["insecure_workers"]:
+            raise ValueError("key, allow and insecure_workers apply to worker_bind only")
         self.timeout: float | None = o["timeout"]
         self.max_queue: int = o["max_queue"]
         self.grace: float = o["grace"]
@@ -166,6 +191,7 @@ class Producer:
         self._link: SupervisorLink | None = None
         self._dispatcher: Dispatcher | None = None
         self._local: LocalLink | None = None
+        self._remote: ZmqLink | None = None
         self._server: Server | None = None
 
     # -- public ----------------------------------------------------------------
@@ -177,9 +203,10 @@ class Producer:
                 raise RuntimeError(f"producer already {self.state}")
             self.state = STARTING
         try:
-            self._link = SupervisorLink.fork(
-                self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
-            )
+            if self.processes:  # a front end for worker hosts alone forks nothing
+                self._link = SupervisorLink.fork(
+                    self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
+                )
         except BaseException as exc:
             with self._lock:
                 self.state = STOPPED
@@ -241,6 +268,12 @@ class Producer:
         """Pid of the supervisor process, once started."""
         return self._link.pid if self._link is not None else None
 
+    @property
+    def worker_endpoint(self) -> str | None:
+        """The endpoint worker hosts join (with the port bound, for a port of 0), once started."""
+        remote = self._remote
+        return remote.endpoint if remote is not None else None
+
     def worker_pids(self) -> list[int]:
         """Pids of the workers that are ready or busy (a snapshot)."""
         dispatcher = self._dispatcher
@@ -254,7 +287,8 @@ class Producer:
         ``too_large``, ``bad_request``, ``shutting_down``, ``cancelled``) to how
         many requests ended so; ``queued`` are waiting for a worker, ``in_flight`` running in
         one; ``workers`` are ready or busy; ``batches`` were sent so far;
-        ``connections`` are open.
+        ``connections`` are open; with ``worker_bind``, ``remote_hosts`` is how
+        many worker hosts have a worker in the pool.
         """
         server, dispatcher = self._server, self._dispatcher
         result: dict[str, Any] = {
@@ -270,6 +304,9 @@ class Producer:
             result["connections"] = len(server.connections)
         if dispatcher is not None:
             result.update(dispatcher.stats())
+        if self.worker_bind is not None:
+            remote = self._remote
+            result["remote_hosts"] = remote.hosts if remote is not None else 0
         return result
 
     def __enter__(self) -> Producer:
@@ -378,7 +415,6 @@ class Producer:
             if self._stop_requested:
                 self._stop_event.set()
         link = self._link
-        assert link is not None
         try:
             try:
                 await self._boot(loop, link)
@@ -407,7 +443,7 @@ class Producer:
         finally:
             await self._teardown(link)
 
-    async def _boot(self, loop: asyncio.AbstractEventLoop, link: SupervisorLink) -> None:
+    async def _boot(self, loop: asyncio.AbstractEventLoop, link: SupervisorLink | None) -> None:
         import asyncio
 
         from .dispatcher import Dispatcher
@@ -416,45 +452,54 @@ class Producer:
 
         boot_failed: list[str] = []
         dispatcher = Dispatcher(timeout=self.timeout, max_queue=self.max_queue)
-        local = LocalLink(dispatcher, kill=link.kill, max_reply=MAX_LENGTH)
-        self._dispatcher, self._local = dispatcher, local
+        self._dispatcher = dispatcher
+        if link is not None:
+            local = LocalLink(dispatcher, kill=link.kill, max_reply=MAX_LENGTH)
+            self._local = local
 
-        def on_setup_failed(pid: int, backoff: float, error: str) -> None:
-            if self.state == STARTING:
-                # Its "exited" follows, and wakes the wait below.
-                boot_failed.append(f"worker {pid}: setup() failed: {error}")
-            elif self.state == RUNNING:
-                log.error(
-                    "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
-                )
+            def on_setup_failed(pid: int, backoff: float, error: str) -> None:
+                if self.state == STARTING:
+                    # Its "exited" follows, and wakes the wait below.
+                    boot_failed.append(f"worker {pid}: setup() failed: {error}")
+                elif self.state == RUNNING:
+                    log.error(
+                        "worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff
+                    )
 
-        def on_exited(pid: int, code: int) -> None:
-            # During start-up any death is a failure of it: a worker that
-            # crashes (not raises) in setup() would otherwise be replaced for ever.
-            if self.state == STARTING and not boot_failed:
-                boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
-            local.exited(pid, code)
-            dispatcher.notify()  # the wait below may be for this
+            def on_exited(pid: int, code: int) -> None:
+                # During start-up any death is a failure of it: a worker that
+                # crashes (not raises) in setup() would otherwise be replaced for ever.
+                if self.state == STARTING and not boot_failed:
+                    boot_failed.append(f"worker {pid} {describe_exit(code)} during start-up")
+                local.exited(pid, code)
+                dispatcher.notify()  # the wait below may be for this
 
-        link.on_spawned = local.add
-        link.on_setup_failed = on_setup_failed
-        link.on_exited = on_exited
-        link.on_lost = self._supervisor_died
-        link.attach(loop)
+            link.on_spawned = local.add
+            link.on_setup_failed = on_setup_failed
+            link.on_exited = on_exited
+            link.on_lost = self._supervisor_died
+            link.attach(loop)
         self._server = Server(dispatcher, self.limits)
         try:
             self.address = await self._server.listen(self.host, self.port)
         except OSError as exc:
             where = format_address(self.host, self.port)
             raise StartupError(f"cannot listen on {where}: {exc}") from exc
-        link.go()
+        if self.worker_bind is not None:
+            self._bind_workers(dispatcher)
+        if link is not None:
+            link.go()
         want = self.processes
+        remote = self._remote
+
+        def local_ready() -> int:
+            # Worker hosts may join meanwhile: start-up waits for the local workers.
+            return dispatcher.ready_workers - (remote.workers if remote is not None else 0)
+
         assert self._stop_event is not None
         waits = {
             asyncio.ensure_future(
-                dispatcher.wait_for(
-                    lambda: dispatcher.ready_workers >= want or bool(boot_failed), None
-                )
+                dispatcher.wait_for(lambda: local_ready() >= want or bool(boot_failed), None)
             ),
             asyncio.ensure_future(self._stop_event.wait()),
         }
@@ -467,14 +512,37 @@ class Producer:
             raise StartupError(boot_failed[0])
         if self._supervisor_lost:
             raise StartupError("the supervisor process died before the workers were ready")
-        if dispatcher.ready_workers < want:
+        if local_ready() < want:
             raise StartupError(STOPPED_EARLY)
         log.info(
-            "listening on %s with %d workers (pid %d)",
+            "listening on %s with %d workers%s (pid %d)",
             format_address(*self.address),
             want,
+            f", worker hosts joining at {remote.endpoint}" if remote is not None else "",
             os.getpid(),
         )
+
+    def _bind_workers(self, dispatcher: Dispatcher) -> None:
+        """Bind the endpoint that worker hosts join (gaspar/link_zmq.py)."""
+        import zmq
+
+        from .link_zmq import ZmqLink
+        from .security import INSECURE_WARNING
+
+        assert self.worker_bind is not None
+        try:
+            self._remote = ZmqLink(
+                dispatcher,
+                self.worker_bind,
+                heartbeat=self.heartbeat,
+                keys=self._worker_keys,
+                max_reply=MAX_LENGTH,
+            )
+        except zmq.ZMQError as exc:
+            where = self.worker_bind
+            raise StartupError(f"cannot bind the worker endpoint {where}: {exc}") from exc
+        if self._worker_keys is None and self.worker_bind.startswith("tcp://"):
+            log.warning(INSECURE_WARNING, self._remote.endpoint)
 
     async def _drain(self, grace: float) -> None:
         server, dispatcher = self._server, self._dispatcher
@@ -489,10 +557,11 @@ class Producer:
         if not await server.wait_closed(self.limits.write_timeout):
             server.abort_all()
 
-    async def _teardown(self, link: SupervisorLink) -> None:
+    async def _teardown(self, link: SupervisorLink | None) -> None:
         # From here the supervisor's exit and the workers' are expected.
-        link.on_lost = _nothing
-        link.on_setup_failed = _ignore_setup_failure
+        if link is not None:
+            link.on_lost = _nothing
+            link.on_setup_failed = _ignore_setup_failure
         if self._server is not None:
             self._server.stop_accepting()
             self._server.abort_all()
@@ -500,10 +569,11 @@ class Producer:
         if self._dispatcher is not None:
             self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
             self._dispatcher.retire()
-        code = await link.stop(term_timeout=5.0)
-        if code != 0:
-            log.warning("supervisor exited with code %d", code)
-        link.close()
+        if link is not None:
+            code = await link.stop(term_timeout=5.0)
+            if code != 0:
+                log.warning("supervisor exited with code %d", code)
+            link.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
         log.info("stopped")

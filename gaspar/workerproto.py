@@ -9,6 +9,11 @@ number, and a body:
     worker -> dispatcher   DONE   id       micros  reply
     worker -> dispatcher   FAILED id       micros  error text, "TypeName: message" (UTF-8)
     worker -> dispatcher   GOODBYE (id 0)  0       empty
+    dispatcher -> worker   GOODBYE (id 0)  0       empty (ZeroMQ link: "seen; nothing more comes")
+    both ways              HEARTBEAT (id 0) 0      empty (ZeroMQ link: "still here")
+    dispatcher -> worker   KILL   (id 0)   0       empty (ZeroMQ link: have this worker killed)
+    worker -> dispatcher   LOST   (id 0)   0       why, UTF-8 (ZeroMQ link: this worker died)
+    dispatcher -> worker   UNKNOWN (id 0)  0       empty (ZeroMQ link: "who are you?": join again)
 
 A worker runs the jobs of a BATCH in order and answers each on its own, as
 soon as it is done; `micros` is the time the handler took.  A reply names the
@@ -21,7 +26,9 @@ makes one (a large body stays a buffer of its own, never joined to its head)
 and :class:`FrameReader` reads them from a stream into buffers it reuses,
 refusing a frame larger than its bound before a byte of its body is stored.
 The ZeroMQ link (gaspar/link_zmq.py) carries the head and the body in one or
-two ZeroMQ frames instead.
+two ZeroMQ frames instead; the kinds marked "ZeroMQ link" travel only there,
+between the producer and a worker host (gaspar/remote.py), which relays the
+rest to and from its local workers (docs/protocol.md, "The worker wire").
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ FAILED = b"F"
 BATCH = b"B"
 GOODBYE = b"G"
 KINDS = frozenset((READY, JOB, DONE, FAILED, BATCH, GOODBYE))
+# Only between a producer's ZeroMQ link and a worker host (never to a local worker).
+HEARTBEAT = b"H"
+KILL = b"K"
+LOST = b"L"
+UNKNOWN = b"N"
 
 _HEAD = struct.Struct("!cQI")
 HEAD_SIZE = _HEAD.size

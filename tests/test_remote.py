@@ -1,0 +1,322 @@
+"""Workers on other hosts: `gaspar worker` processes joining a producer's pool over loopback.
+
+Every worker host here is a real `gaspar worker` (or a script calling
+run_worker_host) in a process group of its own, reaching a real producer over
+real ZeroMQ TCP with CURVE; the test freezes, kills and stops them with
+signals, as an operator or a failing machine would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+import gaspar
+from gaspar.keys import create_keypair
+from tests import handlers
+from tests.conftest import alive, child_pids, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEARTBEAT = 0.2
+# A generous bound on noticing a silent host: 3 missed intervals, and slack for a busy machine.
+DETECT = 10 * HEARTBEAT + 2
+
+
+class Keys(NamedTuple):
+    producer_secret: str
+    producer_public: str
+    worker_secret: str
+    allow: str
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """A producer key pair, a worker key pair, and an allow directory with the worker's key."""
+    producer_public, producer_secret = create_keypair(tmp_path / "keys", "producer")
+    worker_public, worker_secret = create_keypair(tmp_path / "keys", "worker")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "worker.key").write_bytes(worker_public.read_bytes())
+    return Keys(str(producer_secret), str(producer_public), str(worker_secret), str(allow))
+
+
+class Host:
+    """A `gaspar worker` subprocess, the leader of its own process group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def processes(self) -> set[int]:
+        """The host, its supervisor and its workers."""
+        found = {self.pid}
+        for child in child_pids(self.pid):
+            found |= {child} | child_pids(child)
+        return found
+
+    def workers(self) -> set[int]:
+        return {w for s in child_pids(self.pid) for w in child_pids(s)}
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Callable[..., Host]]:
+    """Start worker hosts; SIGKILL each one's process group after the test."""
+    started: list[Host] = []
+
+    def start(endpoint: str, *args: str, target: str = "tests.handlers:behave") -> Host:
+        log = tmp_path / f"host{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gaspar", "worker", endpoint, target, *args],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        host = Host(proc, log)
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(host.pid, signal.SIGCONT)
+            os.killpg(host.pid, signal.SIGKILL)
+        host.proc.wait(10)
+
+
+def secure_args(keys: Keys, processes: int = 2, heartbeat: float = HEARTBEAT) -> list[str]:
+    return [
+        "--processes",
+        str(processes),
+        "--key",
+        keys.worker_secret,
+        "--server-key",
+        keys.producer_public,
+        "--heartbeat",
+        str(heartbeat),
+    ]
+
+
+def front(serve: Callable[..., gaspar.Producer], keys: Keys, **options: Any) -> gaspar.Producer:
+    """A producer with no local workers, taking worker hosts on a loopback port."""
+    options.setdefault("heartbeat", HEARTBEAT)
+    return serve(
+        handlers.behave,
+        processes=options.pop("processes", 0),
+        worker_bind=options.pop("worker_bind", "tcp://127.0.0.1:0"),
+        key=keys.producer_secret,
+        allow=keys.allow,
+        **options,
+    )
+
+
+def workers_are(producer: gaspar.Producer, n: int, timeout: float = 20) -> bool:
+    return wait_until(lambda: producer.stats()["workers"] == n, timeout=timeout)
+
+
+def ask(producer: gaspar.Producer, message: bytes, timeout: float = 20) -> bytes:
+    with gaspar.Client(producer.address, timeout=timeout) as client:
+        return client.request(message)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run fn(*args) in a thread; its result or exception lands in the returned list."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn(*args))
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.timeout(60)
+def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, hosts, keys) -> None:
+    producer = front(serve, keys, timeout=2.0)
+    host = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 2)
+    assert producer.stats()["remote_hosts"] == 1
+    served = {int(ask(producer, b"pid")) for _ in range(20)}
+    assert served <= host.workers() and set(producer.worker_pids()) == host.workers()
+    # A handler that raises: HANDLER_ERROR, and the worker lives.
+    before = host.workers()
+    with pytest.raises(gaspar.HandlerError, match="remote boom"):
+        ask(producer, b"raise:remote boom")
+    assert host.workers() == before and ask(producer, b"echo:after") == b"after"
+    # A worker that dies mid-job: WORKER_LOST for that job only; its host replaces it.
+    long_job, long_box = in_thread(ask, producer, b"sleep:1")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+    with pytest.raises(gaspar.WorkerLost):
+        ask(producer, b"kill")
+    assert workers_are(producer, 2)
+    long_job.join(20)
+    assert long_box == [b"slept:1"]
+    assert len(host.workers() - before) == 1
+    # A job past the producer's timeout: TIMEOUT at once; the remote worker is killed, replaced.
+    before = host.workers()
+    started = time.monotonic()
+    with pytest.raises(gaspar.RequestTimeout):
+        ask(producer, b"spin")
+    assert time.monotonic() - started < 2.0 + 3
+    assert wait_until(lambda: len(host.workers() - before) == 1 and len(host.workers()) == 2)
+    assert workers_are(producer, 2)
+    assert ask(producer, b"echo:still") == b"still"
+
+
+CLOSURE_HOST = """
+import sys
+from gaspar.remote import run_worker_host
+
+marker = sys.argv[2].encode()
+sys.exit(run_worker_host(lambda m: marker + m, sys.argv[1], processes=1, key=sys.argv[3],
+                         server_key=sys.argv[4], heartbeat=0.2))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_closure_is_served_by_a_host_started_from_python(serve, keys, tmp_path) -> None:
+    producer = front(serve, keys)
+    marker = f"closure-{os.getpid()}:"
+    with open(tmp_path / "closure.log", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLOSURE_HOST, producer.worker_endpoint, marker]
+            + [keys.worker_secret, keys.producer_public],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert workers_are(producer, 1)
+        assert ask(producer, b"x") == marker.encode() + b"x"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_frozen_host_is_lost_then_rejoins_and_a_killed_one_is_lost(serve, hosts, keys) -> None:
+    producer = front(serve, keys)
+    host = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 2)
+    remote_workers = host.workers()
+    running, box = in_thread(ask, producer, b"sleep:1.5")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+    os.killpg(host.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    running.join(DETECT + 5)
+    assert box and isinstance(box[0], gaspar.WorkerLost)
+    assert time.monotonic() - stopped < DETECT
+    assert workers_are(producer, 0, timeout=DETECT)
+    assert producer.stats()["remote_hosts"] == 0
+    os.killpg(host.pid, signal.SIGCONT)
+    assert workers_are(producer, 2)
+    assert host.workers() == remote_workers  # rejoined, nothing restarted
+    assert ask(producer, b"echo:back") == b"back"
+    running, box = in_thread(ask, producer, b"sleep:5")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+    os.killpg(host.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    running.join(DETECT + 5)
+    assert box and isinstance(box[0], gaspar.WorkerLost)
+    assert workers_are(producer, 0, timeout=DETECT)
+    assert time.monotonic() - killed < DETECT
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_busy_for_ten_liveness_periods_is_not_declared_dead(serve, hosts, keys) -> None:
+    producer = front(serve, keys, heartbeat=0.1)
+    hosts(producer.worker_endpoint, *secure_args(keys, processes=1, heartbeat=0.1))
+    assert workers_are(producer, 1)
+    assert ask(producer, b"sleep:3") == b"slept:3"  # 10 x 3 intervals of 0.1 s
+    assert producer.stats()["requests"]["worker_lost"] == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.timeout(60)
+def test_a_host_rejoins_a_producer_restarted_on_the_same_port(hosts, keys) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    settings: dict[str, Any] = {
+        "processes": 0,
+        "worker_bind": endpoint,
+        "key": keys.producer_secret,
+        "allow": keys.allow,
+        "heartbeat": HEARTBEAT,
+    }
+    first = gaspar.Producer(handlers.behave, 0, **settings)
+    first.start(blocking=False)
+    try:
+        host = hosts(endpoint, *secure_args(keys))
+        assert workers_are(first, 2)
+        pids = host.workers()
+    finally:
+        first.stop()
+    second = gaspar.Producer(handlers.behave, 0, **settings)
+    second.start(blocking=False)
+    try:
+        assert workers_are(second, 2, timeout=30)
+        assert int(ask(second, b"pid")) in pids
+        assert host.workers() == pids and host.proc.poll() is None
+    finally:
+        second.stop()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
+    serve, hosts, keys
+) -> None:
+    producer = front(serve, keys, processes=1)
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1))
+    assert workers_are(producer, 2)
+    local = set(producer.worker_pids()) - host.workers()
+    # Hold the local worker, then give the remote one a job of 2 s.
+    held, held_box = in_thread(ask, producer, b"sleep:4")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+    running, box = in_thread(ask, producer, b"sleep:2")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 2, timeout=10)
+    processes = host.processes()
+    host.proc.send_signal(signal.SIGTERM)
+    # Its slot leaves the pool at once, though its job still runs.
+    assert wait_until(lambda: producer.stats()["workers"] == 1, timeout=1.5)
+    assert running.is_alive()
+    queued, queued_box = in_thread(ask, producer, b"pid")  # waits for the local worker
+    running.join(20)
+    assert box == [b"slept:2"]
+    assert host.proc.wait(20) == 0
+    assert wait_until(lambda: not any(alive(p) for p in processes), timeout=10)
+    held.join(20)
+    queued.join(20)
+    assert held_box == [b"slept:4"] and queued_box and int(queued_box[0]) in local
+    assert producer.stats()["remote_hosts"] == 0
