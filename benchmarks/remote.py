@@ -62,7 +62,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.suite import C_LOADGEN, CDIR, ROOT, cpu_seconds, machine  # noqa: E402
+from benchmarks.suite import C_LOADGEN, CDIR, ROOT, machine  # noqa: E402
 from benchmarks.suite import KEPT_BEGIN as BEGIN  # noqa: E402
 from benchmarks.suite import KEPT_END as END  # noqa: E402
 from benchmarks.suite import process_tree as tree_of  # noqa: E402
@@ -209,7 +209,7 @@ class Setup:
         argv = [PYTHON, "-m", "gaspar", "worker", connect, f"benchmarks.handlers:{self.handler}"]
         argv += ["--processes", str(self.remote)] + security(keys, self.secure, producer=False)
         self.hosts.append(Proc(f"{self.name} host", argv, host_ns))
-        wait_joined(self, ns=producer_ns)
+        wait_joined(self, int(bind.rsplit(":", 1)[1]), producer_ns)
 
     def stop(self) -> None:
         for host in self.hosts:
@@ -228,20 +228,46 @@ def security(keys: Keys, secure: bool, *, producer: bool) -> list[str]:
     return ["--key", str(keys.host_secret), "--server-key", str(keys.producer_public)]
 
 
-def wait_joined(setup: Setup, ns: str | None, timeout: float = 60) -> None:
-    """Wait until the producer serves with all its workers: `workers` requests that each
-    hold a worker for 0.3 s, all at once, finish together within one such run time."""
-    slots = setup.workers + setup.remote
+def wait_joined(setup: Setup, port: int, ns: str | None, timeout: float = 60) -> None:
+    """Wait until every remote worker has a connection to the producer's worker port.
+
+    One connection is one worker's DEALER; its READY follows the handshake at
+    once, and every measurement starts with a warm-up.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = load(setup.port, ns, concurrency=slots, duration=0.9, mix="1:cpu:300000")
-        # With every worker in the pool, `slots` jobs run at once: about slots / 0.3 s.
-        if result["rps"] >= slots / 0.3 * 0.7 and not result["errors"]:
+        if established(port, ns) >= setup.remote:
             return
+        time.sleep(0.05)  # poll interval, bounded by the deadline
     raise RuntimeError(f"{setup.name}: the workers did not all join within {timeout:.0f} s")
 
 
+def established(port: int, ns: str | None) -> int:
+    """TCP connections established to local `port` (IPv4), in namespace `ns` or here."""
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["cat", "/proc/net/tcp"]
+    table = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    count = 0
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
 # -- load and measurement ----------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of `pid`'s threads, to the nanosecond (/proc/PID/task/*/schedstat).
+
+    Finer than /proc/PID/stat's clock ticks (10 ms), which an idle producer's
+    few milliseconds a second need; a thread that ended is no longer counted.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def load(
@@ -646,7 +672,7 @@ def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
     if missing := remote_missing():
         report += [f"The simulated hosts were not run: {missing}.", ""]
         return
-    hosts, idle = 50, max(5.0, args.duration * 2)
+    hosts, idle = 50, max(10.0, args.duration * 2)
     print(f"hosts: {hosts} simulated worker hosts, {idle:g} s idle", flush=True)
     try:
         with namespaces(0) as (ns, _, _):
