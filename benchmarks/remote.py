@@ -587,7 +587,8 @@ def part_pool(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
         f"The remote hop costs the producer {hop:+.1f} us per request over a local worker "
         f"(2 remote with CURVE against 2 local), and the host process "
         f"{median(curve, 'host_us'):.1f} us; CURVE costs {cost:+.1f} us per request over "
-        "`--insecure-workers`, producer and host process together. With 2 local + 2 remote "
+        "`--insecure-workers`, producer and host process together (a figure lost in the noise at "
+        "this rate: see the limits part for CURVE at a high one). With 2 local + 2 remote "
         "the four workers share this machine's cores with the producer, the host and the "
         "load generator, so it shows that the pools add up, not by how much on real hosts.",
         "",
@@ -644,7 +645,11 @@ def part_rtt(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
 
 def part_limits(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
     print("limits: 16-byte echo over v2, 64 in flight", flush=True)
-    setups = [Setup("2 local workers", "work", 2), Setup("front end, 2 remote", "work", 0, 2)]
+    setups = [
+        Setup("2 local workers", "work", 2),
+        Setup("front end, 2 remote, CURVE", "work", 0, 2),
+        Setup("front end, 2 remote, --insecure-workers", "work", 0, 2, secure=False),
+    ]
     notes: list[str] = []
     with started(runnable(setups, notes), keys) as running:
         runs = interleaved(running, args, {"concurrency": 64, "size": 16})
@@ -655,17 +660,27 @@ def part_limits(args: argparse.Namespace, keys: Keys, report: list[str]) -> None
         "CPU per request is the rate at which that thread would be busy all the time.",
         "",
         "| workers | req/s | producer CPU us/req | producer CPU share | one thread saturated "
-        "at req/s | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "at req/s | host process CPU us/req | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in runs.items():
         us = median(rows, "producer_us")
         report.append(
             f"| {name} | {median(rows, 'rps'):,.0f} | {us:.1f} | "
             f"{median(rows, 'producer_share') * 100:.0f}% | {1e6 / us:,.0f} | "
-            f"{sum(r['errors'] for r in rows)} |"
+            f"{median(rows, 'host_us'):.1f} | {sum(r['errors'] for r in rows)} |"
         )
     report += ["", *notes]
+    if len(runs) == len(setups):
+        curve, plain = (runs[s.name] for s in setups[1:])
+        cost = median(curve, "producer_us") + median(curve, "host_us")
+        cost -= median(plain, "producer_us") + median(plain, "host_us")
+        report += [
+            f"CURVE at this rate costs {cost:+.1f} us per request, producer and host process "
+            f"together (the host process: {median(curve, 'host_us'):.1f} us per request with "
+            f"CURVE, {median(plain, 'host_us'):.1f} us without).",
+            "",
+        ]
 
 
 def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
