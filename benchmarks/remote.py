@@ -1,9 +1,9 @@
 """Remote workers measured: the pool side by side, the idle-only rule over a slow link, limits.
 
     python benchmarks/remote.py [--duration 3] [--warmup 1] [--repeat 3]
-        [--parts pool,rtt,limits,hosts] [--write]
+        [--parts pool,rtt,limits,hosts,curve] [--write]
 
-Four parts (issue 11 items 4 and 6), each run interleaved (A B C A B C ...)
+Five parts (issue 11 items 4 and 6), each run interleaved (A B C A B C ...)
 ``--repeat`` times, medians reported; the load comes from the C generator
 (benchmarks/c), the CPU times from /proc:
 
@@ -31,6 +31,10 @@ Four parts (issue 11 items 4 and 6), each run interleaved (A B C A B C ...)
   and TCP/IP included, where namespaces are available; the frames' bytes
   otherwise), and the producer's CPU per request when those 50 slots answer
   the echo load.
+
+- curve: CURVE alone, a ROUTER and a DEALER in this process over tcp
+  loopback, round trips of 16 bytes and of 64 KiB with CURVE on and off: the
+  CPU per round trip (the I/O thread included).
 
 ``--write`` puts the report into docs/benchmarks.md, in its section between
 the markers that ``benchmarks/suite.py`` keeps when it rewrites that file.
@@ -764,11 +768,74 @@ def simulate(
         producer.stop()
 
 
+def part_curve(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
+    """CURVE's CPU per request in isolation: a job and its reply, both ends in one process."""
+    print("curve: round trips over tcp loopback, CURVE on and off", flush=True)
+    sizes = {16: 20_000, 65536: 2_000}  # bytes each way: round trips
+    runs: dict[tuple[int, bool], list[float]] = {}
+    for _ in range(args.repeat):
+        for size, rounds in sizes.items():
+            for secure in (False, True):
+                spent = curve_round_trips(keys, secure, rounds, size) / rounds * 1e6
+                runs.setdefault((size, secure), []).append(spent)
+    report += [
+        "### CURVE alone",
+        "",
+        "A ROUTER and a DEALER in one process over tcp loopback, round trips of one message "
+        "each way (a job and its reply), the CPU time of the process (its ZeroMQ I/O thread "
+        "included) per round trip, medians of the repeats:",
+        "",
+        "| message | plain us | CURVE us | CURVE's cost us |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for size in sizes:
+        plain = statistics.median(runs[size, False])
+        curve = statistics.median(runs[size, True])
+        report.append(f"| {size:,} B | {plain:.1f} | {curve:.1f} | {curve - plain:+.1f} |")
+    report.append("")
+
+
+def curve_round_trips(keys: Keys, secure: bool, rounds: int, size: int) -> float:
+    """CPU seconds this process spends on `rounds` ROUTER/DEALER round trips."""
+    import zmq
+    import zmq.auth
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        if secure:
+            router.curve_server = True
+            router.curve_publickey, router.curve_secretkey = zmq.auth.load_certificate(
+                keys.producer_secret
+            )
+            dealer.curve_publickey, dealer.curve_secretkey = zmq.auth.load_certificate(
+                keys.host_secret
+            )
+            dealer.curve_serverkey = zmq.auth.load_certificate(keys.producer_public)[0]
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        message = b"x" * size
+        dealer.send(message)
+        router.recv_multipart()  # the handshake is done
+        start = cpu_seconds(os.getpid())
+        for _ in range(rounds):
+            dealer.send(message)
+            identity, body = router.recv_multipart()
+            router.send_multipart([identity, body])
+            dealer.recv()
+        return cpu_seconds(os.getpid()) - start
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
+
+
 PARTS: dict[str, Callable[[argparse.Namespace, Keys, list[str]], None]] = {
     "pool": part_pool,
     "rtt": part_rtt,
     "limits": part_limits,
     "hosts": part_hosts,
+    "curve": part_curve,
 }
 
 
