@@ -22,6 +22,7 @@ import asyncio
 import binascii
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -145,6 +146,12 @@ class ZmqLink:
         self._tick = 0
         self._seen: dict[bytes, int] | None = {} if heartbeat is not None else None
         self._nodes: dict[bytes, str] = {}
+        # Ticks of silence after which each identity is lost: LIVENESS intervals of
+        # the slower of its host's heartbeat and ours.
+        self._limits: dict[bytes, int] = {}
+        self._beat = ZERO_ID
+        if heartbeat is not None:
+            self._beat = wp.job_id(0) + min(int(heartbeat * 1000), wp.MAX_NUMBER).to_bytes(4, "big")
         self._timer: asyncio.TimerHandle | None = None
         self._check_scheduled = False
         self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
@@ -225,26 +232,39 @@ class ZmqLink:
             silent = tick - seen.get(identity, tick)
             if slot.leaving and slot.job is None and not slot.batch:
                 self._forget(identity)  # it left (GOODBYE) and holds nothing
-            elif silent > LIVENESS:
+            elif silent > self._limits.get(identity, LIVENESS):
                 self._forget(identity)
                 self.dispatcher.worker_lost(
                     slot, f"nothing heard from it for {silent * self.heartbeat:.3g}s"
                 )
             else:
-                self._control(identity, wp.HEARTBEAT)
+                self._control(identity, wp.HEARTBEAT, self._beat)
 
-    def _control(self, identity: bytes, kind: bytes) -> None:
+    def _control(self, identity: bytes, kind: bytes, rest: bytes = ZERO_ID) -> None:
         """Send a body-less message of `kind` to `identity`, if it is still there."""
         try:
-            self._sock.send_multipart((identity, kind + ZERO_ID))
+            self._sock.send_multipart((identity, kind + rest))
         except zmq.ZMQError:
             return  # gone: its silence will tell
         if self._sock.get(EVENTS) & POLLIN:  # type: ignore[operator]
             self._schedule_check()
 
+    def _drop_former(self, node: str, pid: int) -> None:
+        """A worker joins under a new identity: the slot of its former one is lost now.
+
+        Its host gave that identity up (the producer fell silent for it), so
+        whatever the slot held will never be answered, and the slot is no
+        worker any more.
+        """
+        for identity, slot in list(self._slots.items()):
+            if slot.pid == pid and self._nodes.get(identity) == node:
+                self._forget(identity)
+                self.dispatcher.worker_lost(slot, "it joined again under a new identity")
+
     def _forget(self, identity: bytes) -> None:
         self._slots.pop(identity, None)
         self._nodes.pop(identity, None)
+        self._limits.pop(identity, None)
         if self._seen is not None:
             self._seen.pop(identity, None)
 
@@ -280,12 +300,19 @@ class ZmqLink:
                 continue
             if info is not None:
                 if identity not in self._slots:
+                    node, beat = _host_of(bytes(body), info)
+                    self._drop_former(node, info.pid)
                     slot = disp.worker_ready(self, identity, info)
                     if slot is not None:
                         self._slots[identity] = slot
-                        self._nodes[identity] = _node(bytes(body), info)
+                        self._nodes[identity] = node
                         if seen is not None:
                             seen[identity] = self._tick
+                            if beat and self.heartbeat is not None:
+                                ratio = beat / self.heartbeat
+                                self._limits[identity] = max(LIVENESS, math.ceil(LIVENESS * ratio))
+                            # At once: the host learns our interval before it could miss one.
+                            self._control(identity, wp.HEARTBEAT, self._beat)
                 continue
             slot = self._slots.get(identity)
             if slot is None:
@@ -298,20 +325,25 @@ class ZmqLink:
                 disp.handle_reply(slot, kind, jid, number, body)
             elif kind == wp.GOODBYE:
                 disp.worker_leaving(slot)
-                self._control(identity, wp.GOODBYE)  # seen: nothing more comes
+                if seen is not None:  # a worker host: tell it nothing more comes
+                    self._control(identity, wp.GOODBYE)
             elif kind == wp.LOST:
                 self._forget(identity)
                 why = bytes(body).decode("utf-8", "replace") or "its host says it died"
                 disp.worker_lost(slot, why)
 
 
-def _node(body: bytes, info: wp.ReadyInfo) -> str:
-    """The worker host a READY came through ("node" in its info), else the worker's host."""
-    try:
-        node = json.loads(body).get("node")
-    except ValueError:
-        node = None
-    return node if isinstance(node, str) else f"{info.host} {info.pid}"
+def _host_of(body: bytes, info: wp.ReadyInfo) -> tuple[str, float]:
+    """The worker host a READY came through, and its heartbeat in seconds (0: not said).
+
+    A host adds "node" and "heartbeat" to its workers' READY info; a plain
+    worker is a host of its own.
+    """
+    data = json.loads(body)  # parse_ready has read it already
+    node, beat = data.get("node"), data.get("heartbeat")
+    if not isinstance(beat, int | float) or isinstance(beat, bool) or not 0 < beat < 3600:
+        beat = 0.0
+    return (node if isinstance(node, str) else f"{info.host} {info.pid}"), float(beat)
 
 
 def serve_worker(consumer: Consumer, endpoint: str) -> None:

@@ -3,10 +3,12 @@
 It owns the order of start and stop, and nothing else: the supervisor owns
 processes, the dispatcher owns jobs, the server owns connections.
 
-Start: fork the supervisor (before any loop or thread exists), then on the
-event loop make the dispatcher and its local worker link and bind the TCP
-port, let the supervisor fork workers (each worker's link comes back with its
-"spawned" line), and wait until every worker has said READY.
+Start: fork the supervisor (before any loop or thread exists; none for a
+front end with processes=0), then on the event loop make the dispatcher and
+its local worker link, bind the TCP port and, with worker_bind, the endpoint
+worker hosts join (gaspar/link_zmq.py), let the supervisor fork workers (each
+worker's link comes back with its "spawned" line), and wait until every local
+worker has said READY; worker hosts join whenever they come.
 
 Stop: stop accepting, let queued and running requests finish within the
 grace period, fail the rest, flush replies, retire the workers and the

@@ -40,6 +40,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -49,7 +50,7 @@ import zmq
 
 from . import workerproto as wp
 from .consumer import Consumer, Handler, as_consumer
-from .link_zmq import LIVENESS, NOBLOCK, POLLIN, SNDMORE, ZERO_ID, split
+from .link_zmq import LIVENESS, NOBLOCK, POLLIN, SNDMORE, split
 from .links import REPLY_KINDS
 from .protocol import MAX_LENGTH, MAX_MESSAGE_SIZE_LIMIT
 from .security import INSECURE_WARNING, ClientKeys, apply_client, check_endpoint, load_client_keys
@@ -115,6 +116,7 @@ class Relay(asyncio.BufferedProtocol):
         self.owed = 0  # replies the producer awaits on this DEALER
         self.stale = 0  # replies to jobs of an identity given up: dropped
         self.heard = 0  # the host's tick when the producer was last heard
+        self.limit = LIVENESS  # ticks of silence after which the producer is given up
         self.backoff = RECONNECT_MIN
         self.retry: asyncio.TimerHandle | None = None
         self.leaving = False  # joins no more (the host stops, or the worker retires)
@@ -149,8 +151,9 @@ class Relay(asyncio.BufferedProtocol):
                 elif kind == wp.GOODBYE:  # the worker retires: pass it on
                     self.leaving = True
                     self._to_producer(wp.frame(wp.GOODBYE, jid, b""))
-                else:
+                elif kind == wp.DONE or kind == wp.FAILED:
                     self._reply(wp.frame(kind, jid, body, number))
+                # Any other kind is for a producer's local link only: not relayed.
         except ValueError as exc:  # FrameError, or a malformed READY
             self.drop(str(exc))
 
@@ -181,7 +184,12 @@ class Relay(asyncio.BufferedProtocol):
         info = wp.parse_ready(body)
         if info.pid != self.pid:
             raise wp.FrameError(f"READY from pid {info.pid} on the link of worker {self.pid}")
-        self.info = {"pid": info.pid, "host": info.host, "node": self.host.node}
+        self.info = {
+            "pid": info.pid,
+            "host": info.host,
+            "node": self.host.node,
+            "heartbeat": self.host.heartbeat,
+        }
         self.join()
 
     def _reply(self, frames: Frames) -> None:
@@ -254,7 +262,7 @@ class Relay(asyncio.BufferedProtocol):
     def beat(self) -> None:
         """One heartbeat interval passed."""
         if self.sock is not None:
-            self._to_producer([b"\0\0\0\0" + wp.HEARTBEAT + ZERO_ID])
+            self._to_producer([self.host.beat_frame])
 
     def _retry(self) -> None:
         self.retry = None
@@ -296,7 +304,9 @@ class Relay(asyncio.BufferedProtocol):
                 self.owed += 1 if kind == wp.JOB else number
                 self._to_worker(wp.frame(kind, jid, body, number))
             elif kind == wp.HEARTBEAT:
-                pass
+                # `number`: the producer's interval in ms; a slower producer is waited for.
+                ratio = number / 1000 / self.host.heartbeat
+                self.limit = max(LIVENESS, math.ceil(LIVENESS * ratio))
             elif kind == wp.KILL:
                 log.warning("worker %d: killed at the producer's request (timeout)", self.pid)
                 self.host.supervisor.kill(self.pid)
@@ -346,6 +356,8 @@ class WorkerHost:
         self.heartbeat = heartbeat
         self.grace = grace
         self.node = f"{socket.gethostname()}/{os.getpid()}"
+        # A HEARTBEAT carries the sender's interval in ms (as its number).
+        self.beat_frame = wp.frame(wp.HEARTBEAT, wp.job_id(0), b"", int(heartbeat * 1000))[0]
         self.relays: dict[int, Relay] = {}
         self.tick = 0
         self.leaving = False
@@ -446,14 +458,16 @@ class WorkerHost:
         for relay in list(self.relays.values()):
             if relay.sock is None:
                 continue
-            if self.tick - relay.heard > LIVENESS:
+            if self.tick - relay.heard > relay.limit:
                 given_up.append(relay)
             else:
                 relay.beat()
         if given_up:
             delay = given_up[0].backoff
             log.warning(
-                "nothing heard from the producer at %s for %.3gs: %d workers join again in %.3gs",
+                "nothing heard from the producer at %s for %.3gs (stopped, unreachable, or"
+                " refusing our keys: check its --allow and our --server-key): %d workers join"
+                " again in %.3gs",
                 self.endpoint,
                 (self.tick - given_up[0].heard) * self.heartbeat,
                 len(given_up),

@@ -142,6 +142,8 @@ def load_server_keys(key: str, allow: str) -> ServerKeys:
     public, secret = _secret_pair(key, "key")
     if not os.path.isdir(allow):
         raise ValueError(f"allow {allow} is not a directory of public certificates")
+    if not zmq.auth.load_certificates(allow):
+        log.warning("allow %s holds no public certificate (*.key): no worker host can join", allow)
     return ServerKeys(public, secret, allow)
 
 
@@ -186,6 +188,8 @@ class WorkerAuthenticator:
         self._monitor_fd: int = self._monitor.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._monitor_fd, self._on_monitor)
+        # The descriptor signals only after ZMQ_EVENTS was read once: read it now.
+        self._loop.call_soon(self._on_monitor)
 
     def _count(self) -> None:
         self.refused += 1

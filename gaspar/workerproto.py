@@ -10,7 +10,7 @@ number, and a body:
     worker -> dispatcher   FAILED id       micros  error text, "TypeName: message" (UTF-8)
     worker -> dispatcher   GOODBYE (id 0)  0       empty
     dispatcher -> worker   GOODBYE (id 0)  0       empty (ZeroMQ link: "seen; nothing more comes")
-    both ways              HEARTBEAT (id 0) 0      empty (ZeroMQ link: "still here")
+    both ways              HEARTBEAT (id 0) ms     empty (ZeroMQ link: "still here", every ms)
     dispatcher -> worker   KILL   (id 0)   0       empty (ZeroMQ link: have this worker killed)
     worker -> dispatcher   LOST   (id 0)   0       why, UTF-8 (ZeroMQ link: this worker died)
     dispatcher -> worker   UNKNOWN (id 0)  0       empty (ZeroMQ link: "who are you?": join again)

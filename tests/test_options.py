@@ -79,7 +79,7 @@ def test_serve_help_shows_every_flag_and_its_default() -> None:
 BAD_PYTHON = [
     ("port", 99999, "port must be an integer from 0 to 65535, got 99999"),
     ("port", -1, "port must be an integer from 0 to 65535"),
-    ("processes", 0, "processes must be an integer at least 1 or None, got 0"),
+    ("processes", -1, "processes must be an integer at least 0 or None, got -1"),
     ("timeout", 0, "timeout must be a number above 0 or None, got 0"),
     ("timeout", math.nan, "timeout must be a number above 0 or None, got nan"),
     ("grace", -1, "grace must be a number at least 0, got -1"),
@@ -116,7 +116,7 @@ def test_producer_accepts_the_edges_of_each_range() -> None:
 
 BAD_FLAGS = [
     (["--port", "99999"], "argument --port: must be an integer from 0 to 65535, got '99999'"),
-    (["--workers", "0"], "argument --workers: must be an integer at least 1, got '0'"),
+    (["--workers", "-1"], "argument --workers: must be an integer at least 0, got '-1'"),
     (["--timeout", "0"], "argument --timeout: must be a number above 0, got '0'"),
     (["--log-level", "loud"], "argument --log-level: must be one of debug, info, warning"),
     (["--grace", "-1"], "argument --grace: must be a number at least 0, got '-1'"),

@@ -8,7 +8,9 @@ signals, as an operator or a failing machine would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -21,16 +23,28 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import zmq
 
 import gaspar
+from gaspar import workerproto as wp
+from gaspar.aio import AsyncClient
 from gaspar.keys import create_keypair
 from tests import handlers
-from tests.conftest import alive, child_pids, wait_until
+from tests.conftest import child_pids, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 0.2
 # A generous bound on noticing a silent host: 3 missed intervals, and slack for a busy machine.
 DETECT = 10 * HEARTBEAT + 2
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (it may vanish while we look)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:  # FileNotFoundError, or ProcessLookupError mid-read
+        return False
 
 
 class Keys(NamedTuple):
@@ -154,11 +168,16 @@ def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, lis
 
 
 @pytest.mark.timeout(60)
-def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, hosts, keys) -> None:
-    producer = front(serve, keys, timeout=2.0)
+def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(
+    serve, hosts, keys, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    producer = front(serve, keys, timeout=1.0)
     host = hosts(producer.worker_endpoint, *secure_args(keys))
     assert workers_are(producer, 2)
     assert producer.stats()["remote_hosts"] == 1
+    big = os.urandom(3 * 1024 * 1024 + 5)  # a body that travels as a frame of its own
+    assert ask(producer, b"echo:" + big) == big
     served = {int(ask(producer, b"pid")) for _ in range(20)}
     assert served <= host.workers() and set(producer.worker_pids()) == host.workers()
     # A handler that raises: HANDLER_ERROR, and the worker lives.
@@ -167,20 +186,23 @@ def test_remote_workers_answer_fail_and_are_replaced_like_local_ones(serve, host
         ask(producer, b"raise:remote boom")
     assert host.workers() == before and ask(producer, b"echo:after") == b"after"
     # A worker that dies mid-job: WORKER_LOST for that job only; its host replaces it.
-    long_job, long_box = in_thread(ask, producer, b"sleep:1")
+    long_job, long_box = in_thread(ask, producer, b"sleep:0.5")
     assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
     with pytest.raises(gaspar.WorkerLost):
         ask(producer, b"kill")
     assert workers_are(producer, 2)
+    # Its host said so at once (LOST), not its silence.
+    lost = [r.getMessage() for r in caplog.records if " lost: " in r.getMessage()]
+    assert len(lost) == 1 and "nothing heard" not in lost[0]
     long_job.join(20)
-    assert long_box == [b"slept:1"]
+    assert long_box == [b"slept:0.5"]
     assert len(host.workers() - before) == 1
     # A job past the producer's timeout: TIMEOUT at once; the remote worker is killed, replaced.
     before = host.workers()
     started = time.monotonic()
     with pytest.raises(gaspar.RequestTimeout):
         ask(producer, b"spin")
-    assert time.monotonic() - started < 2.0 + 3
+    assert time.monotonic() - started < 1.0 + 3
     assert wait_until(lambda: len(host.workers() - before) == 1 and len(host.workers()) == 2)
     assert workers_are(producer, 2)
     assert ask(producer, b"echo:still") == b"still"
@@ -238,6 +260,9 @@ def test_a_frozen_host_is_lost_then_rejoins_and_a_killed_one_is_lost(serve, host
     os.killpg(host.pid, signal.SIGCONT)
     assert workers_are(producer, 2)
     assert host.workers() == remote_workers  # rejoined, nothing restarted
+    # At once, told by the producer (UNKNOWN), not after its own deadline and a backoff.
+    assert "does not know it; joining again" in host.text()
+    assert "nothing heard from the producer" not in host.text()
     assert ask(producer, b"echo:back") == b"back"
     running, box = in_thread(ask, producer, b"sleep:5")
     assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
@@ -249,6 +274,25 @@ def test_a_frozen_host_is_lost_then_rejoins_and_a_killed_one_is_lost(serve, host
     assert time.monotonic() - killed < DETECT
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_at_the_default_heartbeat_a_frozen_or_killed_host_is_noticed_in_about_3s(
+    serve, hosts, keys
+) -> None:
+    producer = front(serve, keys, heartbeat=1.0)
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1, heartbeat=1.0))
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        assert workers_are(producer, 1)
+        running, box = in_thread(ask, producer, b"sleep:2")
+        assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+        os.killpg(host.pid, sig)
+        started = time.monotonic()
+        running.join(30)
+        assert box and isinstance(box[0], gaspar.WorkerLost)
+        assert 2.5 < time.monotonic() - started < 6  # 3 to 4 intervals, and slack
+        os.killpg(host.pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(60)
 def test_a_handler_busy_for_ten_liveness_periods_is_not_declared_dead(serve, hosts, keys) -> None:
     producer = front(serve, keys, heartbeat=0.1)
@@ -256,6 +300,116 @@ def test_a_handler_busy_for_ten_liveness_periods_is_not_declared_dead(serve, hos
     assert workers_are(producer, 1)
     assert ask(producer, b"sleep:3") == b"slept:3"  # 10 x 3 intervals of 0.1 s
     assert producer.stats()["requests"]["worker_lost"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("ours", "theirs"), [(0.1, 0.5), (0.5, 0.1)])
+def test_a_host_and_a_producer_with_different_heartbeats_keep_each_other(
+    serve, hosts, keys, caplog, ours: float, theirs: float
+) -> None:
+    producer = front(serve, keys, heartbeat=ours)
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=1, heartbeat=theirs))
+    assert workers_are(producer, 1)
+    # Five of the quicker side's liveness periods: each side waits for the slower one.
+    assert not wait_until(lambda: producer.stats()["workers"] != 1, timeout=2.0)
+    assert not any("lost" in r.getMessage() for r in caplog.records)
+    assert "nothing heard" not in host.text() and "joining again" not in host.text()
+
+
+@pytest.mark.timeout(60)
+def test_hosts_coming_and_going_under_load_fail_no_request(serve, hosts, keys) -> None:
+    producer = front(serve, keys)
+    leaving = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 2)
+    payloads = [b"sleep:0.01"] * 200 + [b"echo:%d" % i for i in range(400)]
+
+    async def burst() -> list[bytes | BaseException]:
+        async with AsyncClient(producer.address, timeout=30) as client:
+            calls = [client.request(p) for p in payloads]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results: list[Any] = []
+    load = threading.Thread(target=lambda: results.extend(asyncio.run(burst())), daemon=True)
+    load.start()
+    assert wait_until(lambda: producer.stats()["requests"]["ok"] >= 50, timeout=20)
+    joining = hosts(producer.worker_endpoint, *secure_args(keys))
+    assert workers_are(producer, 4)
+    leaving.proc.send_signal(signal.SIGTERM)  # mid-load: jobs may be on their way to it
+    assert leaving.proc.wait(20) == 0
+    load.join(40)
+    assert results == [b"slept:0.01"] * 200 + [b"%d" % i for i in range(400)]
+    assert producer.stats()["workers"] == 2 and joining.proc.poll() is None
+
+
+class FakeProducer:
+    """The producer's side of the worker wire, played by the test on a plain loopback ROUTER."""
+
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def expect(self, kind: bytes, timeout: float = 10) -> tuple[bytes, bytes, bytes]:
+        """The next message of `kind` (answering heartbeats meanwhile): identity, id, body."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            identity, head, *rest = self.sock.recv_multipart()
+            if head[:1] == wp.HEARTBEAT:
+                self.send(identity, wp.HEARTBEAT)
+            if head[:1] == kind:
+                return identity, head[1:9], rest[0] if rest else head[wp.HEAD_SIZE :]
+        raise AssertionError(f"no {kind!r} in {timeout}s")
+
+    def send(self, identity: bytes, kind: bytes, jid: int = 0, body: bytes = b"") -> None:
+        self.sock.send_multipart([identity, kind + wp.job_id(jid) + bytes(4) + body])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_leaving_host_answers_a_job_sent_before_its_goodbye_was_read(hosts) -> None:
+    producer = FakeProducer()
+    try:
+        host = hosts(producer.endpoint, "--processes", "1", "--insecure-workers")
+        identity, _, _ = producer.expect(wp.READY)
+        host.proc.send_signal(signal.SIGTERM)
+        assert producer.expect(wp.GOODBYE)[0] == identity
+        # A job the producer sent before it read that GOODBYE: the host still runs it.
+        producer.send(identity, wp.JOB, 7, b"echo:late")
+        assert producer.expect(wp.DONE)[1:] == (wp.job_id(7), b"late")
+        # It stays until the producer answers its GOODBYE (nothing more is on its way then).
+        assert not wait_until(lambda: host.proc.poll() is not None, timeout=1.0)
+        producer.send(identity, wp.GOODBYE)
+        assert host.proc.wait(10) == 0
+    finally:
+        producer.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_joins_again_under_a_new_identity_replaces_its_former_slot(
+    serve, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    producer = serve(
+        handlers.behave, processes=0, worker_bind="tcp://127.0.0.1:0", insecure_workers=True
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ready = wp.READY + bytes(12) + b'{"pid": 4242, "host": "h", "node": "h/1", "heartbeat": 1}'
+    try:
+        for _ in range(2):  # the same worker of the same host, under a second identity
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(producer.worker_endpoint)
+            sock.send(ready)
+            assert workers_are(producer, 1, timeout=10)
+        assert wait_until(lambda: "4242 lost: it joined again" in caplog.text, timeout=10)
+        assert producer.stats()["workers"] == 1 and producer.worker_pids() == [4242]
+    finally:
+        ctx.destroy(linger=0)
 
 
 def free_port() -> int:
@@ -302,7 +456,7 @@ def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
     assert workers_are(producer, 2)
     local = set(producer.worker_pids()) - host.workers()
     # Hold the local worker, then give the remote one a job of 2 s.
-    held, held_box = in_thread(ask, producer, b"sleep:4")
+    held, held_box = in_thread(ask, producer, b"sleep:3")
     assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
     running, box = in_thread(ask, producer, b"sleep:2")
     assert wait_until(lambda: producer.stats()["in_flight"] == 2, timeout=10)
@@ -318,5 +472,5 @@ def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
     assert wait_until(lambda: not any(alive(p) for p in processes), timeout=10)
     held.join(20)
     queued.join(20)
-    assert held_box == [b"slept:4"] and queued_box and int(queued_box[0]) in local
+    assert held_box == [b"slept:3"] and queued_box and int(queued_box[0]) in local
     assert producer.stats()["remote_hosts"] == 0
