@@ -5,7 +5,8 @@
 
 Each simulated host is one DEALER socket (one worker slot) that speaks the
 worker wire of docs/protocol.md ("The worker wire") and nothing more: it
-says READY, sends a HEARTBEAT every interval and reads the producer's; with
+says READY (as a host of its own), sends a HEARTBEAT every interval and
+reads the producer's; with
 ``--echo`` it also answers each JOB (and each job of a BATCH) with DONE and
 the payload, so the producer can be loaded through many slots.  There is no
 supervisor and no handler: what the producer spends on them is its own cost
@@ -67,9 +68,17 @@ def main() -> int:
     poller = zmq.Poller()
     for sock in sockets:
         poller.register(sock, zmq.POLLIN)
-    info = wp.ready_info()
-    ready = wp.head(wp.READY, wp.job_id(0)) + info
-    beat = wp.head(HEARTBEAT, wp.job_id(0))
+    # READY's info names a host ("node") of its own for each socket: the producer takes a
+    # READY from a known node and pid for a worker that joins again, and drops the former.
+    base = json.loads(wp.ready_info())
+    readies = [
+        wp.head(wp.READY, wp.job_id(0))
+        + json.dumps(
+            {**base, "node": f"sim-{n}/{os.getpid()}", "heartbeat": args.heartbeat}
+        ).encode()
+        for n in range(len(sockets))
+    ]
+    beat = wp.head(HEARTBEAT, wp.job_id(0), int(args.heartbeat * 1000))
     counts = {"sent": 0, "sent_bytes": 0, "received": 0, "received_bytes": 0}
 
     def send(sock: zmq.Socket[bytes], message: bytes) -> None:
@@ -77,7 +86,7 @@ def main() -> int:
         counts["sent"] += 1
         counts["sent_bytes"] += len(message)
 
-    for sock in sockets:
+    for sock, ready in zip(sockets, readies, strict=True):
         send(sock, ready)
     heard: set[int] = set()
     announced = False

@@ -77,6 +77,8 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 NS_PREFIX = "gasparbench"
 DELAY = 0.0005  # seconds each way: a 1 ms round trip
 CPU_2MS = "1:cpu:2000"
+RTT_TITLE = "### The idle-only rule over a 1 ms round trip"
+HOSTS_TITLE = "### What 50 worker hosts cost one producer"
 
 
 # -- processes -------------------------------------------------------------------------
@@ -601,7 +603,7 @@ def part_pool(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
 
 def part_rtt(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
     if missing := remote_missing():
-        report += [f"The round-trip part was not run: {missing}.", ""]
+        report += [RTT_TITLE, "", f"Not run: {missing}.", ""]
         return
     reason = netem_unavailable()
     how = "tc netem on a veth pair between two namespaces"
@@ -631,7 +633,7 @@ def part_rtt(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
                         setup.stop()
             runs.update(got)
     report += [
-        "### The idle-only rule over a 1 ms round trip",
+        RTT_TITLE,
         "",
         f"2 remote workers (CURVE) behind a pure front end, 16 in flight over v2; the link "
         f"between producer and host: {how}.",
@@ -689,9 +691,9 @@ def part_limits(args: argparse.Namespace, keys: Keys, report: list[str]) -> None
 
 def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
     if missing := remote_missing():
-        report += [f"The simulated hosts were not run: {missing}.", ""]
+        report += [HOSTS_TITLE, "", f"Not run: {missing}.", ""]
         return
-    hosts, idle = 50, max(10.0, args.duration * 2)
+    hosts, idle = 50, max(10.0, args.duration * 2)  # as HOSTS_TITLE says
     print(f"hosts: {hosts} simulated worker hosts, {idle:g} s idle", flush=True)
     try:
         with namespaces(0) as (ns, _, _):
@@ -702,7 +704,7 @@ def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
         where = f"the frames' bytes as the hosts counted them (no namespace: {exc})"
     per_host = (figures["cpu_with"] - figures["cpu_without"]) / hosts
     report += [
-        f"### What {hosts} worker hosts cost one producer",
+        HOSTS_TITLE,
         "",
         f"benchmarks/hosts.py: {hosts} DEALER sockets in one process, each a worker host of "
         "one slot that says READY and heartbeats every second (CURVE on), against a pure "
@@ -839,16 +841,29 @@ PARTS: dict[str, Callable[[argparse.Namespace, Keys, list[str]], None]] = {
 }
 
 
-def write_section(text: str) -> None:
-    """Put `text` between the markers in docs/benchmarks.md (after the rest if none)."""
+def write_section(parts: dict[str, list[str]], intro: list[str]) -> None:
+    """Put `parts` (each a "### " title's lines) into docs/benchmarks.md, between the markers.
+
+    A part replaces the part of the same title already there; the others stay, so
+    that one part can be run again alone.
+    """
     page = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text}{END}\n"
+    kept: dict[str, list[str]] = {}
     if BEGIN in page and END in page:
         head, rest = page.split(BEGIN, 1)
-        page = head + block + rest.split(END, 1)[1].lstrip("\n")
+        old, tail = rest.split(END, 1)
+        title = ""
+        for line in old.strip("\n").splitlines():
+            if line.startswith("### "):
+                title = line
+            if title:
+                kept.setdefault(title, []).append(line)
     else:
-        page = page.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(page)
+        head, tail = page.rstrip("\n") + "\n\n", "\n"
+    kept.update(parts)
+    lines = [*intro, *(line for part in kept.values() for line in part)]
+    block = "\n".join(lines).rstrip("\n")
+    DOCS.write_text(f"{head}{BEGIN}\n{block}\n{END}\n{tail.lstrip(chr(10))}")
 
 
 def main() -> int:
@@ -863,30 +878,29 @@ def main() -> int:
         print("the C load generator did not build (make -C benchmarks/c)", file=sys.stderr)
         return 1
     started_at = datetime.datetime.now(datetime.timezone.utc)
-    report: list[str] = []
+    command = ("python benchmarks/remote.py " + " ".join(sys.argv[1:])).strip()
+    run = (
+        f"Run on {started_at:%Y-%m-%d %H:%M} UTC, {machine()}: `{command}` (medians of "
+        f"{args.repeat} interleaved runs of {args.duration:g} s after {args.warmup:g} s of "
+        "warm-up, load from the C generator)."
+    )
+    parts: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="gaspar-remote-bench-") as tmp:
         keys = Keys.make(Path(tmp))
-        for part in args.parts.split(","):
-            PARTS[part](args, keys, report)
-    command = "python benchmarks/remote.py " + " ".join(sys.argv[1:])
-    text = "\n".join(
-        [
-            "## Remote workers (benchmarks/remote.py)",
-            "",
-            f"Run on {started_at:%Y-%m-%d %H:%M} UTC: {machine()}. Medians of {args.repeat} "
-            f"interleaved runs of {args.duration:g} s after {args.warmup:g} s of warm-up; "
-            "load from the C generator. Command:",
-            "",
-            "```sh",
-            command.strip(),
-            "```",
-            "",
-            *report,
-        ]
-    )
-    print("\n" + text)
+        for name in args.parts.split(","):
+            lines: list[str] = []
+            PARTS[name](args, keys, lines)
+            lines[2:2] = [run, ""]  # after the title and its blank line
+            parts[lines[0]] = lines
+    intro = [
+        "## Remote workers (benchmarks/remote.py)",
+        "",
+        "Each part says the run it comes from; `--parts NAME --write` runs one again.",
+        "",
+    ]
+    print("\n" + "\n".join(line for part in parts.values() for line in part))
     if args.write:
-        write_section(text)
+        write_section(parts, intro)
     return 0
 
 
