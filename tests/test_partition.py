@@ -310,16 +310,19 @@ def link() -> Iterator[Link]:
         out = ip("netns", "add", made.producer_ns, check=False)
         if out.returncode != 0:
             pytest.skip(f"ip netns add failed: {out.stderr.strip()}")
-        ip("netns", "add", made.host_ns)
-        ip("link", "add", made.producer_dev, "type", "veth", "peer", "name", made.host_dev)
-        for ns, dev, address in (
-            (made.producer_ns, made.producer_dev, PRODUCER_ADDRESS),
-            (made.host_ns, made.host_dev, HOST_ADDRESS),
-        ):
-            ip("link", "set", dev, "netns", ns)
-            ip("-n", ns, "addr", "add", f"{address}/30", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+        try:
+            ip("netns", "add", made.host_ns)
+            ip("link", "add", made.producer_dev, "type", "veth", "peer", "name", made.host_dev)
+            for ns, dev, address in (
+                (made.producer_ns, made.producer_dev, PRODUCER_ADDRESS),
+                (made.host_ns, made.host_dev, HOST_ADDRESS),
+            ):
+                ip("link", "set", dev, "netns", ns)
+                ip("-n", ns, "addr", "add", f"{address}/30", "dev", dev)
+                ip("-n", ns, "link", "set", dev, "up")
+                ip("-n", ns, "link", "set", "lo", "up")
+        except RuntimeError as exc:  # what this machine allows, not what is under test
+            pytest.skip(f"no veth link between namespaces: {exc}")
         yield made
     finally:
         for ns in (made.producer_ns, made.host_ns):
