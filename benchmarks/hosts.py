@@ -12,7 +12,8 @@ the payload, so the producer can be loaded through many slots.  There is no
 supervisor and no handler: what the producer spends on them is its own cost
 per host.  It prints ``joined N`` on standard output once every socket has
 heard from the producer, and on SIGTERM or SIGINT it prints one JSON line
-(messages and payload bytes each way, its own CPU seconds) and exits.
+(messages and payload bytes each way, the bytes of HEARTBEAT frames both ways,
+the seconds it ran, its own CPU seconds) and exits.
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def main() -> int:
         for n in range(len(sockets))
     ]
     beat = wp.head(HEARTBEAT, wp.job_id(0), int(args.heartbeat * 1000))
-    counts = {"sent": 0, "sent_bytes": 0, "received": 0, "received_bytes": 0}
+    counts = {"sent": 0, "sent_bytes": 0, "received": 0, "received_bytes": 0, "heartbeat_bytes": 0}
+    started = time.monotonic()
 
     def send(sock: zmq.Socket[bytes], message: bytes) -> None:
         sock.send(message)
         counts["sent"] += 1
         counts["sent_bytes"] += len(message)
+        if message[:1] == HEARTBEAT:
+            counts["heartbeat_bytes"] += len(message)
 
     for sock, ready in zip(sockets, readies, strict=True):
         send(sock, ready)
@@ -105,6 +109,8 @@ def main() -> int:
                     break
                 counts["received"] += 1
                 counts["received_bytes"] += sum(map(len, frames))
+                if frames[0][:1] == HEARTBEAT:
+                    counts["heartbeat_bytes"] += sum(map(len, frames))
                 heard.add(id(sock))
                 first = frames[0]
                 kind, jid = first[:1], first[1:9]
@@ -127,7 +133,9 @@ def main() -> int:
         sock.close(linger=0)
     ctx.term()
     usage = os.times()
-    print(json.dumps({**counts, "cpu_s": usage.user + usage.system}), flush=True)
+    seconds = time.monotonic() - started
+    cpu = usage.user + usage.system
+    print(json.dumps({**counts, "seconds": seconds, "cpu_s": cpu}), flush=True)
     return 0
 
 

@@ -28,7 +28,7 @@ Five parts (issue 11 items 4 and 6), each run interleaved (A B C A B C ...)
   DEALER sockets in one process that say READY and heartbeat): the
   producer's CPU per second idle with none and with 50, heartbeat traffic in
   bytes/s (every byte on the loopback of a namespace of its own, ZMTP, CURVE
-  and TCP/IP included, where namespaces are available; the frames' bytes
+  and TCP/IP included, where namespaces are available; the HEARTBEAT frames' bytes
   otherwise), and the producer's CPU per request when those 50 slots answer
   the echo load.
 
@@ -725,7 +725,7 @@ def part_hosts(args: argparse.Namespace, keys: Keys, report: list[str]) -> None:
         where = "all bytes on the loopback of a namespace of its own (ZMTP, CURVE, TCP/IP)"
     except OSError as exc:
         figures = simulate(keys, hosts, idle, args, None)
-        where = f"the frames' bytes as the hosts counted them (no namespace: {exc})"
+        where = f"the HEARTBEAT frames' bytes as the hosts counted them (no namespace: {exc})"
     per_host = (figures["cpu_with"] - figures["cpu_without"]) / hosts
     report += [
         HOSTS_TITLE,
@@ -779,8 +779,7 @@ def simulate(
         sim.stop()
         counts = json.loads(sim.out[-1])
         if not ns:
-            total_bytes = counts["sent_bytes"] + counts["received_bytes"]
-            traffic = total_bytes / (idle + args.warmup + args.duration)  # an upper bound
+            traffic = counts["heartbeat_bytes"] / counts["seconds"]
         return {
             "cpu_without": cpu_without,
             "cpu_with": cpu_with,
