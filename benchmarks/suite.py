@@ -56,6 +56,10 @@ BASELINES = {
 }
 # The issue's reference for the producer's CPU per request (scenario 3).
 CPU_BASELINE = "uvloop+PPE"
+# docs/benchmarks.md keeps what lies between these markers when the suite rewrites it: the
+# section benchmarks/remote.py writes.
+KEPT_BEGIN = "<!-- benchmarks/remote.py: begin -->"
+KEPT_END = "<!-- benchmarks/remote.py: end -->"
 
 
 # -- servers -------------------------------------------------------------------------
@@ -678,8 +682,18 @@ def write_report(suite: Suite, command: str, started: datetime.datetime) -> None
                 )
     if suite.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in suite.notes]
+    lines += kept_section(docs / "benchmarks.md")
     (docs / "benchmarks.md").write_text("\n".join(lines) + "\n")
     chart(suite, docs / "benchmarks.png")
+
+
+def kept_section(page: Path) -> list[str]:
+    """The lines of `page` from KEPT_BEGIN to KEPT_END (none if absent), after a blank one."""
+    text = page.read_text() if page.exists() else ""
+    if KEPT_BEGIN not in text or KEPT_END not in text:
+        return []
+    block = text.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0]
+    return ["", KEPT_BEGIN, *block.strip("\n").splitlines(), KEPT_END]
 
 
 def chart(suite: Suite, path: Path) -> None:
