@@ -480,3 +480,19 @@ def test_sigterm_lets_a_host_finish_its_job_leave_at_once_and_exit_clean(
     queued.join(20)
     assert held_box == [b"slept:3"] and queued_box and int(queued_box[0]) in local
     assert producer.stats()["remote_hosts"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_the_worker_hosts_connected(serve, hosts, keys) -> None:
+    """gaspar_remote_hosts follows the hosts that join and leave; stats() says the same."""
+    from tests.test_metrics import samples, scrape, value
+
+    producer = front(serve, keys, metrics_port=0)
+    assert value(samples(scrape(producer)), "gaspar_remote_hosts") == 0
+    host = hosts(producer.worker_endpoint, *secure_args(keys, processes=2))
+    assert workers_are(producer, 2)
+    assert producer.stats()["remote_hosts"] == 1
+    assert value(samples(scrape(producer)), "gaspar_remote_hosts") == 1
+    host.proc.send_signal(signal.SIGTERM)
+    assert host.proc.wait(20) == 0
+    assert wait_until(lambda: value(samples(scrape(producer)), "gaspar_remote_hosts") == 0)
