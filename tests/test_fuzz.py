@@ -10,14 +10,19 @@ test_links.py.  Sizes come from tests/torture.py.
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
+import socket
 import struct
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import gaspar
 from gaspar import workerproto as wp
 from gaspar.protocol import (
     DIRECT_READ_MIN,
@@ -40,11 +45,14 @@ from gaspar.protocol import (
     SessionV2,
     Status,
     Timed,
+    pack,
     pack_cancel_v2,
     pack_request_v2,
     pack_timed_request_v2,
 )
-from tests.torture import SIZES, printer
+from tests import handlers
+from tests.conftest import wait_until
+from tests.torture import FULL, SIZES, fd_count, printer, rss_kib
 
 pytestmark = [pytest.mark.torture, pytest.mark.timeout(SIZES.timeout)]
 
@@ -60,6 +68,8 @@ fuzz = settings(
     deadline=None,
     database=None,  # no example store left in the work tree
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # Shrinking inputs of hundreds of KiB takes minutes: CI reports the input as found.
+    phases=list(Phase) if FULL else [p for p in Phase if p is not Phase.shrink],
 )
 seen: Counter[str] = Counter()  # what the generated inputs reached, per property
 
@@ -106,12 +116,12 @@ def v1_streams(draw: st.DrawFn) -> bytes:
         st.one_of(
             st.integers(0, 300),
             st.sampled_from([DIRECT_READ_MIN - 1, DIRECT_READ_MIN, V1_LIMIT, V1_LIMIT + 1]),
-            st.integers(DIRECT_READ_MIN, V1_LIMIT),
+            st.integers(DIRECT_READ_MIN, 2 * V1_LIMIT),  # either side of the limit
             st.integers(0, 2**32 - 1),
         )
     )
     sent = draw(st.sampled_from([length, length - 1, length + 1, 0, 3]))
-    data = bytearray(struct.pack("!I", length) + b"v" * max(0, min(sent, V1_LIMIT + 10)))
+    data = bytearray(struct.pack("!I", length) + b"v" * max(0, min(sent, 2 * V1_LIMIT + 10)))
     return mutate(draw, data)
 
 
@@ -147,6 +157,7 @@ def fuzz_v1_reader(data: bytes, cuts: list[int], step: int, direct: bool) -> Non
                 reader.feed(piece)
             received += len(piece)
             held = v1_held(reader)
+            assert reader._length <= V1_LIMIT  # rule 1: a length is checked as it is read
             assert held <= HEADER_SIZE + V1_LIMIT
             # Rule: memory follows what the client has sent (a sixteenth, then the rest).
             assert held <= max(received, DIRECT_READ_RATIO * received), (held, received)
@@ -405,3 +416,137 @@ def test_batches_and_ready_info_raise_only_value_error(body: bytes, count: int) 
     with contextlib.suppress(ValueError):
         info = wp.parse_ready(body)
         assert info.pid > 0 and isinstance(info.host, str)
+
+
+# -- a live server under hostile connections ----------------------------------------
+
+LIVE_LIMIT = 4096
+ENDINGS = ["half-close", "half-close", "close", "reset", "trickle"]
+
+
+def v2_attack(rng: random.Random) -> bytes:
+    """A valid preamble (either kind), then random frames of every kind."""
+    data = bytearray(rng.choice([MAGIC_V2, MAGIC_V2_CONTROL]))
+    for _ in range(rng.randrange(0, 12)):
+        rid = rng.randrange(0, 8)
+        kind = rng.choice(["request", "request", "timed", "cancel", "control", "large", "junk"])
+        body = rng.randbytes(rng.choice([0, 5, 100, LIVE_LIMIT, LIVE_LIMIT + 1]))
+        if kind == "request":
+            data += pack_request_v2(rid, body)
+        elif kind == "timed":
+            data += pack_timed_request_v2(rid, rng.randrange(0, 3000), body)
+        elif kind == "cancel":
+            data += pack_cancel_v2(rid)
+        elif kind == "control":
+            data += struct.pack("!II", rid, 0x80000000 | rng.randrange(2**31))
+        elif kind == "large":
+            data += struct.pack("!II", rid, rng.randrange(LIVE_LIMIT + 1, 2**32)) + body
+        else:
+            data += rng.randbytes(rng.randrange(1, 20))
+    if rng.random() < 0.3:  # cut the last frame short
+        del data[len(data) - rng.randrange(0, min(len(data) - 4, 20) + 1) :]
+    return bytes(data)
+
+
+def attack_bytes(rng: random.Random) -> tuple[str, bytes]:
+    """What one hostile connection sends."""
+    kind = rng.choice(["bytes", "v1-length", "v1", "v2", "v2", "preamble", "nothing"])
+    if kind == "bytes":
+        return kind, rng.randbytes(rng.choice([1, 3, 4, 5, 64, 5000]))
+    if kind == "v1-length":  # any declared length, then fewer or more bytes than it
+        length = rng.choice(
+            [0, 1, LIVE_LIMIT, LIVE_LIMIT + 1, 2**31, 2**32 - 1, rng.randrange(2**32)]
+        )
+        return kind, struct.pack("!I", length) + rng.randbytes(rng.randrange(0, 300))
+    if kind == "v1":  # a valid request, perhaps with bytes after it
+        return kind, pack(rng.randbytes(rng.randrange(0, 200))) + rng.randbytes(
+            rng.choice([0, 0, 3])
+        )
+    if kind == "v2":
+        return kind, v2_attack(rng)
+    if kind == "preamble":
+        return kind, rng.choice([MAGIC_V2, MAGIC_V2_CONTROL])[: rng.randrange(1, 4)]
+    return kind, b""
+
+
+def attack(address: tuple[str, int], seed: int) -> str:
+    """One hostile connection, ended as the seed says; "hung" if the server never ends it."""
+    rng = random.Random(seed)
+    kind, data = attack_bytes(rng)
+    ending = rng.choice(ENDINGS)
+    with socket.create_connection(address, timeout=10) as sock:
+        try:
+            if ending == "trickle":  # in a few pieces, then a half-close
+                cuts = sorted(rng.randrange(0, len(data) + 1) for _ in range(3))
+                for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                    sock.sendall(data[a:b])
+                ending = "half-close"
+            else:
+                sock.sendall(data)
+            if ending == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return kind
+            if ending == "close":
+                return kind
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # the server must end the connection: EOF or a reset
+                pass
+        except TimeoutError:
+            return "hung"
+        except OSError:  # reset, or not connected any more: the server ended it
+            pass
+    return kind
+
+
+def good_client(address: tuple[str, int], client: gaspar.Client, n: int) -> None:
+    """A well-behaved client is answered, over v1 and v2, between attacks."""
+    assert gaspar.client.request(address, b"good-%d" % n, timeout=10) == b"good-%d" % n
+    assert client.request(b"good2-%d" % n, timeout=10) == b"good2-%d" % n
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_live_server_under_hostile_connections(
+    serve: Callable[..., gaspar.Producer], caplog: pytest.LogCaptureFixture, report: Report
+) -> None:
+    """Random bytes, lengths, v2 frames after a valid preamble and disconnects: no exception
+    escapes, the server keeps answering, and its descriptors come back to their count."""
+    caplog.set_level(logging.WARNING)
+    producer = serve(
+        handlers.echo,
+        processes=2,
+        max_message_size=LIVE_LIMIT,
+        max_pipeline=4,
+        read_timeout=1.0,
+        idle_timeout=2.0,
+    )
+    address = producer.address
+    assert address is not None
+    with gaspar.Client(address) as client:
+        good_client(address, client, 0)
+    wait_until(lambda: producer.stats()["connections"] == 0)
+    fds, rss = fd_count(), rss_kib()
+    kinds: Counter[str] = Counter()
+    batch = 50
+    with gaspar.Client(address) as client, ThreadPoolExecutor(8) as pool:
+        for start in range(0, SIZES.live_attacks, batch):
+            seeds = range(start, min(start + batch, SIZES.live_attacks))
+            kinds.update(pool.map(lambda seed: attack(address, seed), seeds))
+            good_client(address, client, start)
+    assert wait_until(lambda: producer.stats()["connections"] == 0, timeout=15), producer.stats()
+    assert wait_until(lambda: fd_count() <= fds, timeout=10), (fd_count(), fds)
+    grown = rss_kib() - rss
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    stats = producer.stats()
+    report(
+        "live fuzz",
+        attacks=SIZES.live_attacks,
+        **dict(sorted(kinds.items())),
+        fds_before=fds,
+        fds_after=fd_count(),
+        rss_growth_kib=grown,
+        errors_logged=len(errors),
+    )
+    assert kinds["hung"] == 0, kinds
+    assert not errors, [r.getMessage() for r in errors[:5]]
+    assert len(producer.worker_pids()) == 2 and stats["queued"] + stats["in_flight"] == 0
+    assert grown < 64 * 1024, f"the process grew by {grown} KiB"

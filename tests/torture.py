@@ -54,7 +54,7 @@ SIZES = (
     else Sizes(
         chaos_requests=8_000,
         fuzz_examples=200,
-        live_attacks=300,
+        live_attacks=1_000,
         soak_requests=30_000,
         slow_connections=1_000,
         slow_seconds=1.5,
