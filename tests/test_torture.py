@@ -7,21 +7,30 @@ figures each check prints go to docs/reliability.md.  The fuzzers are tests/test
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import random
+import selectors
 import signal
+import socket
+import statistics
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import gaspar
-from gaspar import aio
+from benchmarks.suite import Server, gaspar_server, memory_kib, process_tree
+from gaspar import aio, bench
+from gaspar.protocol import MAGIC_V2, pack, pack_request_v2
 from tests import handlers
 from tests.conftest import alive, child_pids, wait_until
-from tests.torture import SIZES, printer
+from tests.torture import FULL, SIZES, fd_count, printer, raise_nofile
 
 pytestmark = [pytest.mark.torture, pytest.mark.timeout(SIZES.timeout)]
 
@@ -137,3 +146,266 @@ def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report)
     assert all(alive(pid) for pid in producer.worker_pids())
     assert wait_until(lambda: producer.stats()["queued"] + producer.stats()["in_flight"] == 0)
     assert gaspar.client.request(producer.address, b"after", timeout=10) == b"after"
+
+
+# -- soak ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo_server() -> Iterator[Server]:
+    """`gaspar serve benchmarks.handlers:echo --workers 2` in its own process (benchmarks/suite.py),
+    so that its memory and descriptors are the producer's alone."""
+    raise_nofile()
+    server = gaspar_server("gaspar", 2, "echo")
+    server.argv += ["--max-connections", str(SIZES.slow_connections + 2 * SIZES.clients)]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0, server.log[-10:]
+
+
+def load(port: int, seconds: float, protocol: str) -> dict[str, Any]:
+    """The echo load of benchmarks: 64 in flight from two generator processes, replies checked."""
+    return bench.run(
+        ("127.0.0.1", port),
+        SIZES.clients,
+        seconds,
+        processes=2,
+        warmup=0,
+        protocol=protocol,
+        check_echo=True,
+    )
+
+
+def test_soak_memory_descriptors_and_processes_stay_flat(
+    echo_server: Server, report: Report
+) -> None:
+    """Producer RSS grows less than 5% from warm-up to the end; descriptors and processes
+    are what they were (the measurement of benchmarks/suite.py's memory scenario)."""
+    pid, port = echo_server.pid, echo_server.port
+    fds, processes = fd_count(pid), sorted(process_tree(pid))
+    for protocol in ("v1", "v2"):  # warm-up: every path and buffer used once
+        warm = load(port, 1.0, protocol)
+        assert warm["error_total"] == 0, warm["errors"]
+    assert wait_until(lambda: fd_count(pid) <= fds), (fd_count(pid), fds)
+    rss_warm = memory_kib(pid)[0]
+    done = errors = 0
+    started = time.monotonic()
+    protocols = itertools.cycle(["v2", "v1"])
+    while done < SIZES.soak_requests:
+        result = load(port, SIZES.soak_chunk, next(protocols))
+        done += result["requests"]
+        errors += result["error_total"]
+    seconds = time.monotonic() - started
+    assert wait_until(lambda: fd_count(pid) <= fds), (fd_count(pid), fds)
+    rss_end = memory_kib(pid)[0]
+    growth = rss_end / rss_warm - 1
+    report(
+        "soak",
+        requests=done,
+        seconds=seconds,
+        errors=errors,
+        rss_warm_kib=rss_warm,
+        rss_end_kib=rss_end,
+        growth_pct=100 * growth,
+        fds=f"{fds}->{fd_count(pid)}",
+        processes=f"{len(processes)}->{len(process_tree(pid))}",
+    )
+    assert errors == 0
+    assert growth < 0.05, f"producer RSS {rss_warm} -> {rss_end} KiB"
+    assert sorted(process_tree(pid)) == processes  # not one worker replaced, none added
+
+
+# -- slow clients ----------------------------------------------------------------------
+
+
+class SlowClients(threading.Thread):
+    """`n` connections that hold the server's attention and send next to nothing.
+
+    A quarter each: v1 idle (connected, silent), v1 trickling (a request a byte at a
+    time), v2 idle (the preamble, then silence) and v2 trickling (request frames a byte
+    at a time).  A connection the server ends is opened again, so `n` stay open.
+    """
+
+    KINDS = ("v1-idle", "v1-trickle", "v2-idle", "v2-trickle")
+
+    def __init__(self, address: tuple[str, int], n: int, interval: float = 0.5) -> None:
+        super().__init__(name="slow-clients", daemon=True)
+        self.address, self.n, self.interval = address, n, interval
+        self.selector = selectors.DefaultSelector()
+        self.socks: dict[socket.socket, tuple[str, bytes]] = {}  # sock: (kind, bytes to send)
+        self.stopped = threading.Event()
+        self.reopened = 0
+        self.bytes_sent = 0
+
+    def script(self, kind: str, serial: int) -> bytes:
+        if kind == "v1-trickle":
+            return pack(b"slow-%d" % serial)
+        if kind == "v2-trickle":
+            frames = b"".join(pack_request_v2(i, b"slow-%d" % serial) for i in range(1000))
+            return MAGIC_V2 + frames
+        return MAGIC_V2 if kind == "v2-idle" else b""
+
+    def open(self, kind: str, serial: int) -> None:
+        sock = socket.create_connection(self.address, timeout=10)
+        sock.setblocking(False)
+        data = self.script(kind, serial)
+        if kind == "v2-idle":
+            sock.send(data)
+            data = b""
+        self.socks[sock] = (kind, data)
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    def start_all(self) -> None:
+        for i in range(self.n):
+            self.open(self.KINDS[i % 4], i)
+        self.start()
+
+    def run(self) -> None:
+        serial = self.n
+        turn = 0
+        while not self.stopped.is_set():
+            for key, _ in self.selector.select(self.interval / 10):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    ended = not sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    ended = True
+                if ended:  # the server ended it (a reply, or a timeout): open another
+                    kind = self.socks.pop(sock)[0]
+                    self.selector.unregister(sock)
+                    sock.close()
+                    self.open(kind, serial)
+                    serial += 1
+                    self.reopened += 1
+            # One tenth of the tricklers send one byte each tenth of the interval.
+            trickling = [s for s, (k, d) in self.socks.items() if d][turn % 10 :: 10]
+            turn += 1
+            for sock in trickling:
+                kind, data = self.socks[sock]
+                with contextlib.suppress(OSError):
+                    self.bytes_sent += sock.send(data[:1])
+                    self.socks[sock] = (kind, data[1:])
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(10)
+        for sock in self.socks:
+            sock.close()
+        self.selector.close()
+
+
+def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Report) -> None:
+    """1,000 idle or trickling connections while the echo load runs: its p99 stays within 2x
+    of the same load without them (asserted at full size; CI asserts every reply came)."""
+    pid, port = echo_server.pid, echo_server.port
+    fds = fd_count(pid)
+    p99: dict[str, list[float]] = {"alone": [], "slow": []}
+    errors = 0
+    held = 0
+    for _ in range(SIZES.slow_rounds):
+        for case in ("alone", "slow"):
+            slow = SlowClients(("127.0.0.1", port), SIZES.slow_connections)
+            if case == "slow":
+                slow.start_all()
+                assert wait_until(lambda: fd_count(pid) >= fds + SIZES.slow_connections)
+            try:
+                result = load(port, SIZES.slow_seconds, "v1")
+                held = max(held, fd_count(pid) - fds)
+            finally:
+                if case == "slow":
+                    slow.close()
+            errors += result["error_total"]
+            p99[case].append(result["latency_ms"]["p99"])
+            assert wait_until(lambda: fd_count(pid) <= fds), (fd_count(pid), fds)
+    ratio = statistics.median(p99["slow"]) / statistics.median(p99["alone"])
+    report(
+        "slow clients",
+        connections=SIZES.slow_connections,
+        rounds=SIZES.slow_rounds,
+        p99_alone_ms=statistics.median(p99["alone"]),
+        p99_slow_ms=statistics.median(p99["slow"]),
+        ratio=ratio,
+        errors=errors,
+    )
+    assert errors == 0
+    assert held >= SIZES.slow_connections  # they were there while the load ran
+    assert ratio <= (2.0 if FULL else 10.0), p99
+
+
+# -- reload and recycling under load --------------------------------------------------
+
+CONTROL = {"max_requests", "max_requests_jitter"} <= {o.name for o in gaspar.options.OPTIONS}
+needs_control = pytest.mark.skipif(
+    not (CONTROL and hasattr(gaspar.Producer, "reload") and hasattr(gaspar.Producer, "scale")),
+    reason="needs issue 12 items 1-2 (branch i12-control): SIGHUP reload, SIGTTIN/SIGTTOU,"
+    " --max-requests/--max-requests-jitter, Producer.reload() and Producer.scale()",
+)
+
+
+def workers_of(producer_pid: int) -> set[int]:
+    """The worker processes of a `gaspar serve`: its supervisor's children."""
+    supervisors = child_pids(producer_pid)
+    return set().union(*(child_pids(s) for s in supervisors)) if supervisors else set()
+
+
+@needs_control
+def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -> None:
+    """max-requests, HUP, TTIN and TTOU while 64 clients send continuously: zero failed."""
+    raise_nofile()
+    server = Server(
+        "gaspar",
+        [sys.executable, "-m", "gaspar", "serve", "benchmarks.handlers:echo", "--port", "0"]
+        + ["--workers", "2", "--max-requests", "500", "--max-requests-jitter", "100"],
+    )
+    server.start()
+    results: dict[str, dict[str, Any]] = {}
+
+    def send(protocol: str) -> None:
+        results[protocol] = bench.run(
+            ("127.0.0.1", server.port),
+            SIZES.clients // 2,
+            SIZES.load_seconds,
+            processes=1,
+            warmup=0,
+            protocol=protocol,
+            check_echo=True,
+        )
+
+    senders = [threading.Thread(target=send, args=(p,), daemon=True) for p in ("v1", "v2")]
+    try:
+        pid = server.pid
+        assert wait_until(lambda: len(workers_of(pid)) == 2)
+        first = workers_of(pid)
+        for sender in senders:
+            sender.start()
+        # Recycling: each worker leaves after 400 to 600 requests.
+        assert wait_until(lambda: not workers_of(pid) & first, timeout=30), workers_of(pid)
+        before = workers_of(pid)
+        os.kill(pid, signal.SIGHUP)  # every worker replaced, one at a time
+        assert wait_until(lambda: not workers_of(pid) & before, timeout=30), workers_of(pid)
+        os.kill(pid, signal.SIGTTIN)
+        assert wait_until(lambda: len(workers_of(pid)) == 3, timeout=30)
+        os.kill(pid, signal.SIGTTOU)
+        assert wait_until(lambda: len(workers_of(pid)) == 2, timeout=30)
+        under_load = all(sender.is_alive() for sender in senders)
+        for sender in senders:
+            sender.join(SIZES.load_seconds + 60)
+    finally:
+        server.stop()
+    assert set(results) == {"v1", "v2"}
+    errors = {p: r["errors"] for p, r in results.items() if r["error_total"]}
+    report(
+        "reload under load",
+        requests=sum(r["requests"] for r in results.values()),
+        seconds=SIZES.load_seconds,
+        failed=sum(r["error_total"] for r in results.values()),
+        signals_under_load=under_load,
+    )
+    assert under_load, "the load ended before the last signal's effect: raise load_seconds"
+    assert not errors, errors

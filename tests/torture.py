@@ -29,6 +29,7 @@ class Sizes:
     fuzz_examples: int  # hypothesis examples per sans-I/O property
     live_attacks: int  # hostile connections against a live server
     soak_requests: int  # after the warm-up
+    soak_chunk: float  # seconds of one load run of the soak (v1 and v2 alternate)
     slow_connections: int  # idle or trickling, held while the echo load runs
     slow_seconds: float  # one measured echo run, with or without them
     slow_rounds: int  # interleaved pairs (without, with); medians reported
@@ -44,6 +45,7 @@ SIZES = (
         fuzz_examples=5_000,
         live_attacks=5_000,
         soak_requests=500_000,
+        soak_chunk=10.0,
         slow_connections=1_000,
         slow_seconds=5.0,
         slow_rounds=3,
@@ -56,10 +58,11 @@ SIZES = (
         fuzz_examples=200,
         live_attacks=1_000,
         soak_requests=30_000,
+        soak_chunk=1.5,
         slow_connections=1_000,
         slow_seconds=1.5,
         slow_rounds=1,
-        load_seconds=4.0,
+        load_seconds=8.0,
         timeout=120.0,
     )
 )
