@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the flags were checked already: only a bug gets here
         log.error("%s", exc)
         return EXIT_USAGE
+    producer.target = args.target  # what a reload (SIGHUP) re-imports
     if not is_loopback_host(args.host):
         log.warning(EXPOSED_WARNING, args.host)
     try:

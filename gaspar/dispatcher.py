@@ -135,6 +135,11 @@ class Dispatcher:
         slots = list(self._workers)  # one C call: safe from another thread
         return sorted(slot.pid for slot in slots if not (slot.doomed or slot.leaving))
 
+    def busy_pids(self, link: WorkerLink) -> list[int]:
+        """Pids of `link`'s workers that are not idle: running a job, even one failed since."""
+        idle = set(self._idle)
+        return [slot.pid for slot in self._workers if slot.link is link and slot not in idle]
+
     def stats(self) -> dict[str, int]:
         """Plain numbers for :meth:`gaspar.Producer.stats`: queue, jobs running, workers."""
         queued = len(self._pending)

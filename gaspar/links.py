@@ -19,6 +19,13 @@ that reads frames (gaspar/workerproto.py) into the buffers of one
 exists before the worker runs.  A worker that dies closes its end, so its
 loss is seen at once, as EOF; a frame that breaks the framing or its bound
 drops the worker (it is killed and replaced), never the producer.
+
+A worker that leaves the pool (it said GOODBYE, or the supervisor retired it)
+has its link ended by us once it has answered what it held, and leaves at
+EOF.  Idle local workers say ALIVE every third of the liveness timeout; one
+silent for the whole timeout while idle is killed (and so replaced).  The
+producer checks, not the supervisor: it already reads every link and knows
+which workers are idle, and a busy worker is its request timeout's business.
 """
 
 from __future__ import annotations
@@ -38,8 +45,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gaspar.links")
 
-# What the producer reads from a local worker: READY, replies and GOODBYE.
-REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED, wp.GOODBYE))
+# What the producer reads from a local worker: READY, replies, GOODBYE and ALIVE.
+REPLY_KINDS = frozenset((wp.READY, wp.DONE, wp.FAILED, wp.GOODBYE, wp.ALIVE))
+
+
+def _ignore_pid(pid: int) -> None:
+    pass
 
 
 class WorkerLink(Protocol):
@@ -72,6 +83,8 @@ class LocalConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.slot: WorkerSlot | None = None
         self.broken = ""  # why this end dropped the worker, if it did
+        self.heard = False  # something came since the last liveness check
+        self.quiet = 0  # liveness checks in a row it was idle and said nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # uvloop's is no subclass
@@ -82,22 +95,43 @@ class LocalConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         reader = self.reader
         reader.feed(nbytes)
+        self.heard = True
         disp = self.link.dispatcher
         disp.begin_pass()
         try:
             while (message := reader.next()) is not None:
                 kind, jid, number, body = message
                 slot = self.slot
-                if slot is not None and kind == wp.GOODBYE:
-                    disp.worker_leaving(slot)
-                elif slot is not None and kind != wp.READY:
+                if slot is not None and (kind == wp.DONE or kind == wp.FAILED):
                     disp.handle_reply(slot, kind, jid, number, body)
+                    if slot.leaving:
+                        self.release()
+                elif kind == wp.ALIVE:
+                    pass
+                elif slot is not None and kind == wp.GOODBYE:
+                    disp.worker_leaving(slot)
+                    self.release()
                 elif slot is None and kind == wp.READY:
                     self._ready(bytes(body))
                 else:
                     raise wp.FrameError(f"{kind!r} {'before' if slot is None else 'after'} READY")
         except ValueError as exc:  # FrameError, or a malformed READY
             self.drop(str(exc))
+
+    def retire(self) -> None:
+        """The supervisor retires this worker: nothing more is sent to it; it leaves when idle."""
+        if self.slot is not None:
+            self.link.dispatcher.worker_leaving(self.slot)
+        self.release()
+
+    def release(self) -> None:
+        """End the link of a leaving worker once it holds no job (it leaves at EOF)."""
+        slot = self.slot
+        if slot is not None and (slot.job is not None or slot.batch):
+            return
+        self.slot = None  # out of the pool already: its EOF is no loss
+        if self.transport is not None:
+            self.transport.close()
 
     def eof_received(self) -> bool | None:
         return None  # close our end too
@@ -128,6 +162,8 @@ class LocalConnection(asyncio.BufferedProtocol):
         if info.pid != self.pid:
             raise wp.FrameError(f"READY from pid {info.pid} on the link of worker {self.pid}")
         self.slot = self.link.dispatcher.worker_ready(self.link, self, info)
+        if self.slot is not None:
+            self.link.on_ready(self.pid)
 
 
 class LocalLink:
@@ -142,6 +178,8 @@ class LocalLink:
         self._loop = asyncio.get_running_loop()
         self._connections: dict[int, LocalConnection] = {}
         self._closed = False
+        self.on_ready: Callable[[int], None] = _ignore_pid
+        self._watch: asyncio.TimerHandle | None = None
         dispatcher.links.append(self)
 
     def add(self, pid: int, sock: socket.socket) -> None:
@@ -174,6 +212,41 @@ class LocalLink:
                 self.dispatcher.worker_lost(conn.slot, reason)
                 conn.slot = None
         self.close()
+
+    def retire(self, pid: int) -> None:
+        """The supervisor retires worker `pid` (a reload, or fewer workers)."""
+        conn = self._connections.get(pid)
+        if conn is not None:
+            conn.retire()
+
+    def watch(self, timeout: float) -> None:
+        """Kill any ready worker that says nothing for `timeout` seconds while idle."""
+        interval = timeout / 3
+        checks = 3  # intervals of silence that make `timeout`
+
+        def check() -> None:
+            self._watch = self._loop.call_later(interval, check)
+            for conn in list(self._connections.values()):
+                slot = conn.slot
+                if conn.heard or slot is None or slot.job is not None or slot.batch:
+                    conn.heard, conn.quiet = False, 0
+                    continue
+                conn.quiet += 1
+                if conn.quiet >= checks:
+                    self._silent(conn, timeout)
+
+        self._watch = self._loop.call_later(interval, check)
+
+    def _silent(self, conn: LocalConnection, timeout: float) -> None:
+        log.warning(
+            "worker %d said nothing for %.3gs while idle (hung?); killing it", conn.pid, timeout
+        )
+        if conn.slot is not None:
+            self.dispatcher.worker_lost(conn.slot, "it was silent while idle")
+            conn.slot = None
+        self.kill_pid(conn.pid)
+        if conn.transport is not None:
+            conn.transport.abort()
 
     def forget(self, conn: LocalConnection) -> None:
         """`conn` closed."""
@@ -208,6 +281,9 @@ class LocalLink:
     def close(self) -> None:
         """Close every worker's link (the workers see EOF and leave)."""
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for conn in list(self._connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -286,6 +286,47 @@ OPTIONS: tuple[Option, ...] = (
         producer=False,
         choices=("debug", "info", "warning", "error", "critical"),
     ),
+    # Issue 12, item 2: worker recycling and liveness (gaspar/worker.py, gaspar/links.py).
+    Option(
+        "max_requests",
+        int,
+        None,
+        "requests after which a worker is replaced by a fresh one (none fails); unset: never",
+        low=1,
+        optional=True,
+        shown="none",
+        metavar="N",
+    ),
+    Option(
+        "max_requests_jitter",
+        int,
+        0,
+        "each worker's `max_requests` is that plus a random 0 to N, so that workers do not"
+        " all leave at once",
+        low=0,
+        metavar="N",
+    ),
+    Option(
+        "max_worker_memory",
+        int,
+        None,
+        "MiB of resident memory (checked after each request) past which a worker is"
+        " replaced by a fresh one (none fails); unset: never",
+        low=1,
+        optional=True,
+        shown="none",
+        metavar="MB",
+    ),
+    Option(
+        "liveness_timeout",
+        float,
+        30.0,
+        "seconds an idle worker may stay silent (it says it is alive every third of them)"
+        " before it is killed and replaced as hung; busy ones are `timeout`'s",
+        low=0,
+        above=True,
+        metavar="S",
+    ),
 )
 
 PRODUCER_OPTIONS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.producer)

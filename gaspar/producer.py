@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from .errors import StartupError
 from .options import DEFAULTS
 from .protocol import MAX_LENGTH, Limits, Status
 from .supervisor import SupervisorLink
+from .worker import WorkerLimits
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gaspar.producer")
 
 NEW, STARTING, RUNNING, STOPPING, STOPPED = "new", "starting", "running", "stopping", "stopped"
+# What the producer's own process does on each signal, when it runs the main thread.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CONTROL_SIGNALS = (*STOP_SIGNALS, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 STOPPED_EARLY = "stopped before the workers were ready"
 
 # glibc's mallopt parameters, and what tune_malloc sets them to.
@@ -108,6 +113,10 @@ class Producer:
     returns once the port is bound and every worker is ready.  As a context
     manager the producer starts in the background and stops on exit.  A
     producer starts once.
+
+    A blocking ``start()`` in the main thread acts on signals (see
+    docs/operations.md): TERM and INT stop gracefully, a second one or QUIT
+    at once; HUP is :meth:`reload`; TTIN and TTOU add and remove a worker.
     """
 
     def __init__(
@@ -128,6 +137,10 @@ class Producer:
         grace: float = DEFAULTS["grace"],
         use_uvloop: bool | None = DEFAULTS["use_uvloop"],
         tune_malloc: bool = DEFAULTS["tune_malloc"],
+        max_requests: int | None = DEFAULTS["max_requests"],
+        max_requests_jitter: int = DEFAULTS["max_requests_jitter"],
+        max_worker_memory: int | None = DEFAULTS["max_worker_memory"],
+        liveness_timeout: float = DEFAULTS["liveness_timeout"],
     ) -> None:
         # Every option is checked against gaspar/options.py; a bad one is a
         # one-line ValueError naming it and what it may be.
@@ -151,6 +164,15 @@ class Producer:
             max_pipeline=o["max_pipeline"],
             idle_timeout=o["idle_timeout"],
         )
+        self.worker_limits = WorkerLimits(
+            o["max_requests"],
+            o["max_requests_jitter"],
+            None if o["max_worker_memory"] is None else o["max_worker_memory"] << 20,
+            o["liveness_timeout"],
+        )
+        # MODULE:ATTR of the consumer, which a reload re-imports (`gaspar serve`
+        # sets it); None: a reload replaces the workers with the same code.
+        self.target: str | None = None
         self.state = NEW
         self.address: tuple[str, int] | None = None
         self._lock = threading.Lock()
@@ -178,7 +200,11 @@ class Producer:
             self.state = STARTING
         try:
             self._link = SupervisorLink.fork(
-                self.consumer, self.processes, wp.max_job_body(self.limits.max_message_size)
+                self.consumer,
+                self.processes,
+                wp.max_job_body(self.limits.max_message_size),
+                target=self.target,
+                limits=self.worker_limits,
             )
         except BaseException as exc:
             with self._lock:
@@ -235,6 +261,40 @@ class Producer:
         self._finished.wait()
         if self._loop_thread is not None:
             self._loop_thread.join()
+
+    def reload(self) -> None:
+        """Replace every worker with a fresh one, one at a time, with no request failed.
+
+        With :attr:`target` set (``gaspar serve`` sets it), the supervisor first
+        re-imports that module, so that new code is served; a module that fails
+        to import leaves the old workers serving, and the log says why.  A
+        handler given from Python keeps its code: only the processes are new.
+        Safe from any thread; returns at once (see docs/operations.md).
+        """
+        self._control(lambda link: link.reload())
+
+    def scale(self, processes: int) -> None:
+        """Have `processes` workers (at least 1); safe from any thread; returns at once."""
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes must be an integer at least 1, got {processes!r}")
+
+        def rescale(link: SupervisorLink) -> None:
+            self.processes = processes
+            link.scale(processes)
+
+        self._control(rescale)
+
+    def _control(self, order: Callable[[SupervisorLink], None]) -> None:
+        """Run `order` on the supervisor's link from the producer's loop (any thread)."""
+        with self._lock:
+            loop, link, state = self._loop, self._link, self.state
+        if state != RUNNING or loop is None or link is None:
+            raise RuntimeError(f"producer {state}, not running")
+        if self._in_loop_thread():
+            order(link)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(order, link)
 
     @property
     def supervisor_pid(self) -> int | None:
@@ -309,9 +369,9 @@ class Producer:
             self._loop = loop
         try:
             if install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in CONTROL_SIGNALS:
                     loop.add_signal_handler(sig, self._on_signal, sig)
-            loop.run_until_complete(self._main())
+            loop.run_until_complete(self._main(retitle=install_signals))
         except BaseException as exc:
             if self._startup_error is None and not self._ready.is_set():
                 self._startup_error = exc
@@ -319,7 +379,7 @@ class Producer:
                 log.exception("producer event loop failed")
         finally:
             if install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in CONTROL_SIGNALS:
                     loop.remove_signal_handler(sig)
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -331,13 +391,27 @@ class Producer:
             self._finished.set()
 
     def _on_signal(self, sig: int) -> None:
-        if self._stop_event is not None and self._stop_event.is_set():
-            log.warning("%s again: failing requests in flight now", signal.Signals(sig).name)
+        """TERM, INT: stop gracefully, at once the second time; QUIT: at once;
+        HUP: reload; TTIN, TTOU: one worker more, one fewer (never below one)."""
+        name = signal.Signals(sig).name
+        stopping = self._stop_event is not None and self._stop_event.is_set()
+        if sig == signal.SIGQUIT or (sig in STOP_SIGNALS and stopping):
+            log.warning("%s%s: stopping now", name, " again" if stopping else "")
+            self._request_stop(0.0)
             if self._dispatcher is not None:
                 self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
-            return
-        log.info("%s: stopping", signal.Signals(sig).name)
-        self._request_stop(None)
+        elif sig in STOP_SIGNALS:
+            log.info("%s: stopping", name)
+            self._request_stop(None)
+        elif stopping or self.state != RUNNING:
+            log.info("%s ignored: the producer is %s", name, self.state)
+        elif sig == signal.SIGHUP:
+            log.info("SIGHUP: reloading")
+            self.reload()
+        else:
+            n = self.processes + 1 if sig == signal.SIGTTIN else max(1, self.processes - 1)
+            log.info("%s: %d workers", name, n)
+            self.scale(n)
 
     def _request_stop(self, grace: float | None) -> None:
         if self._stop_event is None or self._stop_event.is_set():
@@ -369,7 +443,7 @@ class Producer:
             dispatcher.fail_queued(Status.SHUTTING_DOWN, b"server stopping: its workers died")
         self._request_stop(0.0)
 
-    async def _main(self) -> None:
+    async def _main(self, retitle: bool = False) -> None:
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -399,6 +473,10 @@ class Producer:
             with self._lock:
                 if self.state == STARTING:
                     self.state = RUNNING
+            if retitle and self.address is not None:
+                from .proctitle import set_title
+
+                set_title(f"gaspar: producer {format_address(*self.address)}")
             self._ready.set()
             await self._stop_event.wait()
             self.state = STOPPING
@@ -440,6 +518,7 @@ class Producer:
         link.on_setup_failed = on_setup_failed
         link.on_exited = on_exited
         link.on_lost = self._supervisor_died
+        self._manage_workers(local, link)
         link.attach(loop)
         self._server = Server(dispatcher, self.limits)
         try:
@@ -476,6 +555,12 @@ class Producer:
             os.getpid(),
         )
 
+    def _manage_workers(self, local: LocalLink, link: SupervisorLink) -> None:
+        """Wire reload, scaling and liveness: the supervisor retires, the link watches."""
+        link.on_retire = local.retire
+        local.on_ready = link.ready
+        local.watch(self.worker_limits.liveness or DEFAULTS["liveness_timeout"])
+
     async def _drain(self, grace: float) -> None:
         server, dispatcher = self._server, self._dispatcher
         assert server is not None and dispatcher is not None
@@ -498,12 +583,16 @@ class Producer:
             self._server.abort_all()
             self._server.close()
         if self._dispatcher is not None:
+            # Workers still running a request (its client has its answer by
+            # now: shutting_down) are killed; the others leave at EOF on their links.
+            if self._local is not None:
+                for pid in self._dispatcher.busy_pids(self._local):
+                    link.kill(pid)
             self._dispatcher.fail_all(Status.SHUTTING_DOWN, b"server stopping")
             self._dispatcher.retire()
+            self._dispatcher.close()
         code = await link.stop(term_timeout=5.0)
         if code != 0:
             log.warning("supervisor exited with code %d", code)
         link.close()
-        if self._dispatcher is not None:
-            self._dispatcher.close()
         log.info("stopped")

@@ -9,11 +9,19 @@ number, and a body:
     worker -> dispatcher   DONE   id       micros  reply
     worker -> dispatcher   FAILED id       micros  error text, "TypeName: message" (UTF-8)
     worker -> dispatcher   GOODBYE (id 0)  0       empty
+    worker -> dispatcher   ALIVE  (id 0)   0       empty
 
 A worker runs the jobs of a BATCH in order and answers each on its own, as
 soon as it is done; `micros` is the time the handler took.  A reply names the
 job it answers, and the dispatcher drops any reply whose id is not the job it
 expects next from that worker, so replies can never cross.
+
+A worker that has said GOODBYE answers what it holds and leaves; a local one
+leaves once its link ends, which the producer does as soon as that worker is
+out of the pool (so nothing can be on its way to it).  An idle local worker
+says ALIVE every third of its liveness timeout, so that one that hangs while
+idle (a thread holding the GIL, a stuck C extension, SIGSTOP) is noticed;
+a busy worker sends nothing until its reply (its request's timeout covers it).
 
 On a local link (a Unix stream socket, gaspar/links.py) a message is a frame:
 the body's length (4 bytes, big-endian), the head, the body.  :func:`frame`
@@ -38,7 +46,8 @@ DONE = b"D"
 FAILED = b"F"
 BATCH = b"B"
 GOODBYE = b"G"
-KINDS = frozenset((READY, JOB, DONE, FAILED, BATCH, GOODBYE))
+ALIVE = b"A"
+KINDS = frozenset((READY, JOB, DONE, FAILED, BATCH, GOODBYE, ALIVE))
 
 _HEAD = struct.Struct("!cQI")
 HEAD_SIZE = _HEAD.size
