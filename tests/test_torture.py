@@ -377,6 +377,9 @@ def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -
             check_echo=True,
         )
 
+    def logged(text: str) -> int:
+        return sum(text in line for line in list(server.log))
+
     senders = [threading.Thread(target=send, args=(p,), daemon=True) for p in ("v1", "v2")]
     try:
         pid = server.pid
@@ -385,14 +388,17 @@ def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -
         for sender in senders:
             sender.start()
         # Recycling: each worker leaves after 400 to 600 requests.
+        assert wait_until(lambda: logged("served its max_requests") >= 2, timeout=30)
         assert wait_until(lambda: not workers_of(pid) & first, timeout=30), workers_of(pid)
         before = workers_of(pid)
         os.kill(pid, signal.SIGHUP)  # every worker replaced, one at a time
+        assert wait_until(lambda: logged("reload: replacing") == 1, timeout=30)
         assert wait_until(lambda: not workers_of(pid) & before, timeout=30), workers_of(pid)
         os.kill(pid, signal.SIGTTIN)
         assert wait_until(lambda: len(workers_of(pid)) == 3, timeout=30)
         os.kill(pid, signal.SIGTTOU)
         assert wait_until(lambda: len(workers_of(pid)) == 2, timeout=30)
+        assert logged("workers: 2 -> 3") == logged("workers: 3 -> 2") == 1
         under_load = all(sender.is_alive() for sender in senders)
         for sender in senders:
             sender.join(SIZES.load_seconds + 60)
@@ -405,6 +411,7 @@ def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -
         requests=sum(r["requests"] for r in results.values()),
         seconds=SIZES.load_seconds,
         failed=sum(r["error_total"] for r in results.values()),
+        recycled=logged("served its max_requests"),
         signals_under_load=under_load,
     )
     assert under_load, "the load ended before the last signal's effect: raise load_seconds"
