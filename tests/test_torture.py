@@ -15,11 +15,13 @@ import selectors
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,10 +29,11 @@ import pytest
 import gaspar
 from benchmarks.suite import Server, gaspar_server, memory_kib, process_tree
 from gaspar import aio, bench
+from gaspar.keys import create_keypair
 from gaspar.protocol import MAGIC_V2, pack, pack_request_v2
 from tests import handlers
 from tests.conftest import alive, child_pids, wait_until
-from tests.torture import FULL, SIZES, fd_count, printer, raise_nofile
+from tests.torture import FULL, ROOT, SIZES, fd_count, printer, raise_nofile
 
 pytestmark = [pytest.mark.torture, pytest.mark.timeout(SIZES.timeout)]
 
@@ -103,27 +106,28 @@ async def chaos_load(address: tuple[str, int], total: int, clients: int, seed: i
     return outcomes
 
 
-def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report) -> None:
-    """Every request ends with its own reply or a clear failure; none hangs, none crosses."""
-    workers = 4
-    producer = serve(handlers.echo, processes=workers)
-    assert producer.address is not None
+def chaos(
+    producer: gaspar.Producer, check: str, report: Report, processes: Callable[[], set[int]]
+) -> None:
+    """Chaos against `producer`, whose workers should be `processes()` when it settles."""
+    address = producer.address
+    assert address is not None
+    target = len(producer.worker_pids())
     killer = Killer(producer.worker_pids, SIZES.kill_every, seed=12)
     started = time.monotonic()
     killer.start()
     try:
-        outcomes = asyncio.run(
-            chaos_load(producer.address, SIZES.chaos_requests, SIZES.clients, seed=7)
-        )
+        outcomes = asyncio.run(chaos_load(address, SIZES.chaos_requests, SIZES.clients, seed=7))
     finally:
         killer.stopped.set()
         killer.join(10)
     seconds = time.monotonic() - started
     stats = producer.stats()
     report(
-        "chaos",
+        check,
         requests=sum(outcomes.values()),
         clients=SIZES.clients,
+        workers=target,
         kills=killer.kills,
         seconds=seconds,
         **dict(sorted(outcomes.items())),
@@ -134,18 +138,75 @@ def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report)
     assert set(outcomes) <= CLEAR_FAILURES | {"ok", "crossed", "hung"}, outcomes
     assert outcomes["ok"] > SIZES.chaos_requests // 2, outcomes
     assert killer.kills >= 3 and stats["requests"]["worker_lost"] >= 1, (killer.kills, stats)
-    # The pool returns to its target: four live workers, the supervisor's only children.
-    supervisor = producer.supervisor_pid
-    assert supervisor is not None
 
+    # The pool returns to its target, and every worker it counts is a live process it owns.
     def settled() -> bool:
         pids = producer.worker_pids()
-        return len(pids) == workers and set(pids) == child_pids(supervisor)
+        return len(pids) == target and set(pids) == processes()
 
-    assert wait_until(settled, timeout=20), (producer.worker_pids(), child_pids(supervisor))
+    assert wait_until(settled, timeout=20), (producer.worker_pids(), processes())
     assert all(alive(pid) for pid in producer.worker_pids())
     assert wait_until(lambda: producer.stats()["queued"] + producer.stats()["in_flight"] == 0)
-    assert gaspar.client.request(producer.address, b"after", timeout=10) == b"after"
+    assert gaspar.client.request(address, b"after", timeout=10) == b"after"
+
+
+def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report) -> None:
+    """Every request ends with its own reply or a clear failure; none hangs, none crosses."""
+    producer = serve(handlers.echo, processes=4)
+    assert wait_until(lambda: len(producer.worker_pids()) == 4)
+    supervisor = producer.supervisor_pid
+    assert supervisor is not None
+    chaos(producer, "chaos", report, lambda: child_pids(supervisor))
+
+
+REMOTE = "worker_bind" in {o.name for o in gaspar.options.OPTIONS}
+
+
+@pytest.mark.skipif(
+    not REMOTE or not hasattr(gaspar.Producer, "worker_endpoint"),
+    reason="needs issue 11 (branch i11-remote): --worker-bind, `gaspar worker`,"
+    " Producer.worker_endpoint",
+)
+def test_chaos_with_local_and_remote_workers(serve: Serve, report: Report, tmp_path: Path) -> None:
+    """The same, with two local workers and two on a `gaspar worker` host over CURVE."""
+    keys = tmp_path / "keys"
+    producer_public, producer_secret = create_keypair(keys, "producer")
+    host_public, host_secret = create_keypair(keys, "host")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "host.key").write_bytes(host_public.read_bytes())
+    producer = serve(
+        handlers.echo,
+        processes=2,
+        worker_bind="tcp://127.0.0.1:0",
+        key=str(producer_secret),
+        allow=str(allow),
+        heartbeat=0.2,
+    )
+    endpoint = producer.worker_endpoint  # type: ignore[attr-defined]
+    argv = [sys.executable, "-m", "gaspar", "worker", endpoint, "tests.handlers:echo"]
+    argv += ["--processes", "2", "--key", str(host_secret), "--server-key", str(producer_public)]
+    argv += ["--heartbeat", "0.2"]
+    with open(tmp_path / "host.log", "wb") as log:
+        host = subprocess.Popen(
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        assert wait_until(lambda: len(producer.worker_pids()) == 4, timeout=20)
+        supervisor = producer.supervisor_pid
+        assert supervisor is not None
+
+        def processes() -> set[int]:
+            remote = {w for s in child_pids(host.pid) for w in child_pids(s)}
+            return child_pids(supervisor) | remote
+
+        chaos(producer, "chaos, local and remote", report, processes)
+        remote = set(producer.worker_pids()) - child_pids(supervisor)
+        assert len(remote) == 2  # the host's two, replaced as they died
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(host.pid, signal.SIGKILL)
+        host.wait(10)
 
 
 # -- soak ----------------------------------------------------------------------------
