@@ -57,19 +57,27 @@ CALL_TIMEOUT = 30.0  # every client call is bounded by this; reaching it counts 
 class Killer(threading.Thread):
     """SIGKILL a random worker every `every` seconds until stopped."""
 
-    def __init__(self, pids: Callable[[], list[int]], every: float, seed: int) -> None:
+    def __init__(
+        self,
+        pids: Callable[[], list[int]],
+        every: float,
+        seed: int,
+        where: Callable[[int], str] = lambda pid: "local",
+    ) -> None:
         super().__init__(name="killer", daemon=True)
-        self.pids, self.every, self.rng = pids, every, random.Random(seed)
+        self.pids, self.every, self.rng, self.where = pids, every, random.Random(seed), where
         self.stopped = threading.Event()
-        self.kills = 0
+        self.kills: Counter[str] = Counter()  # by where() of the worker killed
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             pids = self.pids()
             if pids:
+                pid = self.rng.choice(pids)
+                kind = self.where(pid)
                 try:
-                    os.kill(self.rng.choice(pids), signal.SIGKILL)
-                    self.kills += 1
+                    os.kill(pid, signal.SIGKILL)
+                    self.kills[kind] += 1
                 except ProcessLookupError:
                     pass
 
@@ -107,13 +115,18 @@ async def chaos_load(address: tuple[str, int], total: int, clients: int, seed: i
 
 
 def chaos(
-    producer: gaspar.Producer, check: str, report: Report, processes: Callable[[], set[int]]
-) -> None:
-    """Chaos against `producer`, whose workers should be `processes()` when it settles."""
+    producer: gaspar.Producer,
+    check: str,
+    report: Report,
+    processes: Callable[[], set[int]],
+    where: Callable[[int], str] = lambda pid: "local",
+) -> Counter[str]:
+    """Chaos against `producer`, whose workers should be `processes()` when it settles;
+    returns the kills by where()."""
     address = producer.address
     assert address is not None
     target = len(producer.worker_pids())
-    killer = Killer(producer.worker_pids, SIZES.kill_every, seed=12)
+    killer = Killer(producer.worker_pids, SIZES.kill_every, seed=12, where=where)
     started = time.monotonic()
     killer.start()
     try:
@@ -128,7 +141,8 @@ def chaos(
         requests=sum(outcomes.values()),
         clients=SIZES.clients,
         workers=target,
-        kills=killer.kills,
+        kills=sum(killer.kills.values()),
+        **{f"kills_{k}": n for k, n in sorted(killer.kills.items())},
         seconds=seconds,
         **dict(sorted(outcomes.items())),
         worker_lost=stats["requests"]["worker_lost"],
@@ -137,7 +151,8 @@ def chaos(
     assert outcomes["crossed"] == 0 and outcomes["hung"] == 0, outcomes
     assert set(outcomes) <= CLEAR_FAILURES | {"ok", "crossed", "hung"}, outcomes
     assert outcomes["ok"] > SIZES.chaos_requests // 2, outcomes
-    assert killer.kills >= 3 and stats["requests"]["worker_lost"] >= 1, (killer.kills, stats)
+    assert sum(killer.kills.values()) >= 3, killer.kills
+    assert stats["requests"]["worker_lost"] >= 1, stats
 
     # The pool returns to its target, and every worker it counts is a live process it owns.
     def settled() -> bool:
@@ -148,6 +163,7 @@ def chaos(
     assert all(alive(pid) for pid in producer.worker_pids())
     assert wait_until(lambda: producer.stats()["queued"] + producer.stats()["in_flight"] == 0)
     assert gaspar.client.request(address, b"after", timeout=10) == b"after"
+    return killer.kills
 
 
 def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report) -> None:
@@ -196,13 +212,20 @@ def test_chaos_with_local_and_remote_workers(serve: Serve, report: Report, tmp_p
         supervisor = producer.supervisor_pid
         assert supervisor is not None
 
-        def processes() -> set[int]:
-            remote = {w for s in child_pids(host.pid) for w in child_pids(s)}
-            return child_pids(supervisor) | remote
+        def remote() -> set[int]:
+            return {w for s in child_pids(host.pid) for w in child_pids(s)}
 
-        chaos(producer, "chaos, local and remote", report, processes)
-        remote = set(producer.worker_pids()) - child_pids(supervisor)
-        assert len(remote) == 2  # the host's two, replaced as they died
+        def where(pid: int) -> str:
+            return "remote" if pid in remote() else "local"
+
+        kills = chaos(
+            producer,
+            "chaos, local and remote",
+            report,
+            lambda: child_pids(supervisor) | remote(),
+            where,
+        )
+        assert kills["remote"] >= 1 and len(remote()) == 2  # the host's two, replaced
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(host.pid, signal.SIGKILL)
