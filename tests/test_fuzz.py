@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import gaspar
@@ -47,6 +47,7 @@ from gaspar.protocol import (
     Timed,
     pack,
     pack_cancel_v2,
+    pack_reply_v2,
     pack_request_v2,
     pack_timed_request_v2,
 )
@@ -100,10 +101,6 @@ def mutate(draw: st.DrawFn, data: bytearray) -> bytes:
     return bytes(data)
 
 
-# Body sizes that reach every path: empty, small, around the direct-read and split bounds.
-body_sizes = st.sampled_from([0, 1, 7, 100, 4095, wp.SPLIT_BODY - 1, wp.SPLIT_BODY, 100_000])
-
-
 # -- v1: RequestReader ---------------------------------------------------------------
 
 V1_LIMIT = DIRECT_READ_MIN * 2
@@ -126,9 +123,10 @@ def v1_streams(draw: st.DrawFn) -> bytes:
 
 
 def v1_held(reader: RequestReader) -> int:
-    """Bytes a v1 reader holds, and has allocated, for its request."""
-    body = len(reader._body) if reader._body is not None else 0
-    return len(reader._header) + sum(len(c) for c in reader._chunks) + body
+    """Bytes a v1 reader holds, and has allocated, for its request: the payload's buffer
+    once it has one, else the chunks received (`_have` of them)."""
+    body = len(reader._body) if reader._body is not None else reader._have
+    return len(reader._header) + body
 
 
 @fuzz
@@ -138,12 +136,17 @@ def v1_held(reader: RequestReader) -> int:
     step=steps,
     direct=st.booleans(),
 )
+@example(  # every path at least once, whatever the draw: a large payload read directly
+    data=pack(b"v" * DIRECT_READ_MIN), cuts=[DIRECT_READ_MIN // 8], step=0, direct=True
+)
+@example(data=struct.pack("!I", V1_LIMIT + 1), cuts=[], step=0, direct=False)
+@example(data=pack(b"ok") + b"!", cuts=[], step=0, direct=False)
 def fuzz_v1_reader(data: bytes, cuts: list[int], step: int, direct: bool) -> None:
     reader = RequestReader(max_message_size=V1_LIMIT)
     received = 0
     seen["v1"] += 1
-    if step == 1:
-        data = data[:2000]  # byte by byte: the header and the first bytes say enough
+    if 0 < step < 100:
+        data = data[:20_000]  # a few bytes at a time: the header and the first bytes say enough
     try:
         for piece in pieces(data, cuts, step):
             view = reader.buffer()
@@ -178,14 +181,17 @@ def test_v1_reader_holds_no_more_than_the_limit_and_sixteen_times_what_came() ->
 # -- v2: SessionV2, control frames included -----------------------------------------
 
 V2_LIMIT = 200
-PIPELINE = 2
+PIPELINE = 4
 # The longest reply a session makes on its own: a refusal's header and message.
 LONGEST_REFUSAL = REPLY_V2.size + max(
     len(SHUTTING_DOWN_MESSAGE), len(PIPELINE_FULL_MESSAGE), len(f"request of {2**32} bytes") + 40
 )
 
 
-FRAME_KINDS = ["request"] * 4 + ["timed"] * 3 + ["cancel"] * 3 + ["control", "large", "junk"]
+# Frames that keep the stream in step, and frames after which nothing is in step any more
+# (an unknown control kind, a length with no payload behind it, garbage): those come last.
+FRAME_KINDS = ["request"] * 4 + ["timed"] * 3 + ["cancel"] * 3
+LAST_KINDS = ["control", "large", "junk"]
 # Runs of frames refused (OVERLOADED once the pipeline is full; TOO_LARGE) that fill the
 # replies not yet sent: 8 bytes in make 36 out, 209 make 61.
 FULL_PIPELINE = b"".join(pack_request_v2(100 + i, b"") for i in range(PIPELINE))
@@ -193,15 +199,14 @@ REFUSED = {pack_request_v2(99, b""): 36, struct.pack("!II", 99, V2_LIMIT + 1) + 
 
 
 @st.composite
-def v2_frame(draw: st.DrawFn, sent: list[int]) -> bytes:
-    """One frame of any kind: request, timed, cancel, unknown control, oversized, garbage.
-
-    A cancel is mostly of an id `sent` before, which may be in flight."""
+def v2_frame(draw: st.DrawFn, sent: list[int], kinds: list[str] = FRAME_KINDS) -> bytes:
+    """One frame of one of `kinds`: request, timed, cancel, unknown control, oversized,
+    garbage.  A cancel is mostly of an id `sent` before, which may be in flight."""
     rid = draw(st.integers(0, 30))
-    kind = draw(st.sampled_from(FRAME_KINDS))
+    kind = draw(st.sampled_from(kinds))
     body = b"b" * draw(st.sampled_from([0, 1, 50, V2_LIMIT, V2_LIMIT + 1]))
     if kind == "cancel":
-        return pack_cancel_v2(draw(st.sampled_from([sent[-1], *sent])) if sent else rid)
+        return pack_cancel_v2(draw(st.sampled_from([sent[-1]] * 3 + sent)) if sent else rid)
     if kind in ("request", "timed"):
         sent.append(rid)
     if kind == "request":
@@ -227,6 +232,8 @@ def v2_sessions(draw: st.DrawFn) -> bytes:
         data += FULL_PIPELINE + frame * draw(st.integers(MAX_UNSENT // out, 2 * MAX_UNSENT // out))
     for _ in range(draw(st.integers(0, 12))):
         data += draw(v2_frame(sent))
+    if draw(st.booleans()):
+        data += draw(v2_frame(sent, LAST_KINDS))
     return mutate(draw, data)
 
 
@@ -237,6 +244,20 @@ def v2_sessions(draw: st.DrawFn) -> bytes:
     reads=st.lists(st.booleans(), max_size=12),
     answer=st.lists(st.booleans(), max_size=40),
     stop_at=st.sampled_from([None, None, None, 0, 1, 3]),
+)
+@example(
+    data=MAGIC_V2_CONTROL
+    + pack_request_v2(1, b"x")
+    + pack_timed_request_v2(2, 5, b"y")
+    + pack_cancel_v2(1)
+    + pack_request_v2(3, b"z" * (V2_LIMIT + 1))
+    + FULL_PIPELINE
+    + pack_request_v2(99, b"") * (MAX_UNSENT // 36 + 1)
+    + pack_cancel_v2(1) * 2,
+    cuts=[],
+    reads=[],
+    answer=[],
+    stop_at=None,
 )
 def fuzz_v2_session(
     data: bytes, cuts: list[int], reads: list[bool], answer: list[bool], stop_at: int | None
@@ -325,6 +346,13 @@ def reply_streams(draw: st.DrawFn) -> bytes:
     control=st.booleans(),
     preamble=st.sampled_from(["ours", "ours", "ours", MAGIC_V2, MAGIC_V2_CONTROL, b"\x00"]),
 )
+@example(
+    data=pack_reply_v2(1, Status.OK, b"r") + pack_reply_v2(2, Status.OK, b"r" * (REPLY_LIMIT + 1)),
+    cuts=[],
+    control=False,
+    preamble="ours",
+)
+@example(data=b"", cuts=[], control=True, preamble=MAGIC_V2)
 def fuzz_v2_reply_reader(
     data: bytes, cuts: list[int], control: bool, preamble: str | bytes
 ) -> None:
@@ -352,8 +380,12 @@ def test_v2_reply_reader_stays_within_its_bound() -> None:
 # -- worker frames: FrameReader, batches, READY ---------------------------------------
 
 FRAME_LIMIT = 150_000
+# Body sizes that reach every path: empty, small, about the split bound, at the limit.
+frame_sizes = st.sampled_from(
+    [0, 1, 100, wp.SPLIT_BODY - 1, wp.SPLIT_BODY, wp.SPLIT_BODY + 1, 100_000, FRAME_LIMIT]
+)
 valid_kind = st.sampled_from(sorted(wp.KINDS))
-any_kind = st.one_of(valid_kind, valid_kind, valid_kind, st.binary(min_size=1, max_size=1))
+any_kind = st.one_of(*[valid_kind] * 7, st.binary(min_size=1, max_size=1))
 
 
 @st.composite
@@ -361,7 +393,7 @@ def worker_streams(draw: st.DrawFn) -> bytes:
     """Frames of any kind and body size (some over the bound), now and then corrupted."""
     data = bytearray()
     for _ in range(draw(st.integers(0, 5))):
-        size = draw(st.one_of(body_sizes, body_sizes, body_sizes, st.just(FRAME_LIMIT + 1)))
+        size = draw(st.one_of(*[frame_sizes] * 7, st.just(FRAME_LIMIT + 1)))
         kind, number = draw(any_kind), draw(st.integers(0, wp.MAX_NUMBER))
         head = size.to_bytes(4, "big") + wp.head(kind, wp.job_id(draw(st.integers(0, 9))), number)
         data += head + b"w" * min(size, FRAME_LIMIT)
@@ -373,6 +405,15 @@ def worker_streams(draw: st.DrawFn) -> bytes:
     data=st.one_of(worker_streams(), worker_streams(), st.binary(max_size=40)),
     cuts=st.lists(st.integers(0, 600_000), max_size=8),
     reuse=st.booleans(),
+)
+@example(
+    data=b"".join(
+        b"".join(bytes(b) for b in wp.frame(wp.DONE, wp.job_id(1), b"w" * n)) for n in (1, 70_000)
+    )
+    + (FRAME_LIMIT + 1).to_bytes(4, "big")
+    + wp.head(wp.DONE, wp.job_id(2)),
+    cuts=[],
+    reuse=True,
 )
 def fuzz_frame_reader(data: bytes, cuts: list[int], reuse: bool) -> None:
     reader = wp.FrameReader(FRAME_LIMIT, reuse_large=reuse)

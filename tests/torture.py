@@ -55,14 +55,14 @@ SIZES = (
     if FULL
     else Sizes(
         chaos_requests=8_000,
-        fuzz_examples=200,
+        fuzz_examples=300,
         live_attacks=1_000,
         soak_requests=30_000,
         soak_chunk=1.5,
         slow_connections=1_000,
-        slow_seconds=1.5,
+        slow_seconds=1.0,
         slow_rounds=1,
-        load_seconds=8.0,
+        load_seconds=6.0,
         timeout=120.0,
     )
 )
