@@ -412,8 +412,8 @@ def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Rep
     generator = echo_benchmark()
     fds = fd_count(pid)
     p99: dict[str, list[float]] = {"alone": [], "slow": []}
-    errors = 0
-    held = 0
+    errors = reopened = 0
+    held = SIZES.slow_connections
     for _ in range(SIZES.slow_rounds):
         for case in ("alone", "slow"):
             slow = SlowClients(("127.0.0.1", port), SIZES.slow_connections)
@@ -424,10 +424,12 @@ def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Rep
                 result = generator.run(
                     port, concurrency=SIZES.clients, duration=SIZES.slow_seconds, warmup=0.5
                 )
-                held = max(held, fd_count(pid) - fds)
+                if case == "slow":
+                    held = min(held, fd_count(pid) - fds)
             finally:
                 if case == "slow":
                     slow.close()
+                    reopened += slow.reopened
             errors += result["errors"]
             p99[case].append(result["p99"])
             assert wait_until(lambda: fd_count(pid) <= fds), (fd_count(pid), fds)
@@ -441,9 +443,13 @@ def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Rep
         p99_slow_ms=statistics.median(p99["slow"]),
         ratio=ratio,
         errors=errors,
+        reopened=reopened,
+        held_at_end=held,
     )
     assert errors == 0
-    assert held >= SIZES.slow_connections  # they were there while the load ran
+    # They were all there as the load began, and still there as it ended, but for a few
+    # the server had just answered (a trickled request, complete) and that were re-opening.
+    assert held >= SIZES.slow_connections * 0.9, held
     assert ratio <= (2.0 if FULL else 10.0), p99
 
 
