@@ -64,7 +64,7 @@ $(BENCH_STAMP): $(SERVE_STAMP) benchmarks/requirements.txt
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
-# The adversarial suite at full size (about 5 minutes): chaos, fuzz, soak, slow clients,
+# The adversarial suite at full size (about 3 minutes): chaos, fuzz, soak, slow clients,
 # reload under load. `make test` runs the same checks bounded; the figures each prints
 # ("torture: ...") are those of docs/reliability.md. TORTURE_ARGS go to pytest (e.g. -k soak).
 torture: $(DEV_STAMP)
