@@ -425,18 +425,20 @@ def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Rep
     held = SIZES.slow_connections
     for _ in range(SIZES.slow_rounds):
         for case in ("alone", "slow"):
-            slow = SlowClients(("127.0.0.1", port), SIZES.slow_connections)
-            if case == "slow":
+            slow = (
+                SlowClients(("127.0.0.1", port), SIZES.slow_connections) if case == "slow" else None
+            )
+            if slow is not None:
                 slow.start_all()
                 assert wait_until(lambda: fd_count(pid) >= fds + SIZES.slow_connections)
             try:
                 result = generator.run(
                     port, concurrency=SIZES.clients, duration=SIZES.slow_seconds, warmup=0.5
                 )
-                if case == "slow":
+                if slow is not None:
                     held = min(held, fd_count(pid) - fds)
             finally:
-                if case == "slow":
+                if slow is not None:
                     slow.close()
                     reopened += slow.reopened
             errors += result["errors"]
