@@ -12,7 +12,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 DEV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install serve test lint pytest haproxy bench clean
+.PHONY: install serve test lint pytest haproxy bench torture clean
 
 install: $(DEV_STAMP)
 
@@ -63,6 +63,12 @@ $(BENCH_STAMP): $(SERVE_STAMP) benchmarks/requirements.txt
 # The benchmark suite (about 20 minutes): writes docs/benchmarks.md and docs/benchmarks.png.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
+
+# The adversarial suite at full size (about 3 minutes): chaos, fuzz, soak, slow clients,
+# reload under load. `make test` runs the same checks bounded; the figures each prints
+# ("torture: ...") are those of docs/reliability.md. TORTURE_ARGS go to pytest (e.g. -k soak).
+torture: $(DEV_STAMP)
+	GASPAR_TORTURE=full $(BIN)/pytest -m torture tests/test_torture.py tests/test_fuzz.py $(TORTURE_ARGS)
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
