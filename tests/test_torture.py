@@ -185,14 +185,6 @@ def test_chaos_sigkill_a_random_worker_every_100ms(serve: Serve, report: Report)
     chaos(producer, "chaos", report, lambda: child_pids(supervisor))
 
 
-REMOTE = "worker_bind" in {o.name for o in gaspar.options.OPTIONS}
-
-
-@pytest.mark.skipif(
-    not REMOTE or not hasattr(gaspar.Producer, "worker_endpoint"),
-    reason="needs issue 11 (branch i11-remote): --worker-bind, `gaspar worker`,"
-    " Producer.worker_endpoint",
-)
 def test_chaos_with_local_and_remote_workers(serve: Serve, report: Report, tmp_path: Path) -> None:
     """The same, with two local workers and two on a `gaspar worker` host over CURVE."""
     keys = tmp_path / "keys"
@@ -466,13 +458,6 @@ def test_slow_clients_do_not_slow_the_echo_load(echo_server: Server, report: Rep
 
 # -- reload and recycling under load --------------------------------------------------
 
-CONTROL = {"max_requests", "max_requests_jitter"} <= {o.name for o in gaspar.options.OPTIONS}
-needs_control = pytest.mark.skipif(
-    not (CONTROL and hasattr(gaspar.Producer, "reload") and hasattr(gaspar.Producer, "scale")),
-    reason="needs issue 12 items 1-2 (branch i12-control): SIGHUP reload, SIGTTIN/SIGTTOU,"
-    " --max-requests/--max-requests-jitter, Producer.reload() and Producer.scale()",
-)
-
 
 def workers_of(producer_pid: int) -> set[int]:
     """The worker processes of a `gaspar serve`: its supervisor's children."""
@@ -480,7 +465,6 @@ def workers_of(producer_pid: int) -> set[int]:
     return set().union(*(child_pids(s) for s in supervisors)) if supervisors else set()
 
 
-@needs_control
 def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -> None:
     """max-requests, HUP, TTIN and TTOU while 64 clients send continuously: zero failed."""
     raise_nofile()
