@@ -151,6 +151,7 @@ def _worker(args: argparse.Namespace) -> int:
         max_requests=args.max_requests,
         max_requests_jitter=args.max_requests_jitter,
         max_worker_memory=args.max_worker_memory,
+        liveness_timeout=args.liveness_timeout,
     )
 
 
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "max_requests",
                 "max_requests_jitter",
                 "max_worker_memory",
+                "liveness_timeout",
             )
         ],
     )

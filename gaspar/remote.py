@@ -64,8 +64,8 @@ import zmq
 from . import workerproto as wp
 from .consumer import Consumer, Handler, as_consumer
 from .link_zmq import LIVENESS, NOBLOCK, POLLIN, SNDMORE, split
-from .links import REPLY_KINDS
-from .options import validate
+from .links import LOCAL_KINDS, IdleWatch
+from .options import DEFAULTS, validate
 from .proctitle import set_title
 from .protocol import MAX_LENGTH, MAX_MESSAGE_SIZE_LIMIT
 from .security import INSECURE_WARNING, ClientKeys, apply_client, check_endpoint, load_client_keys
@@ -123,14 +123,14 @@ class Relay(asyncio.BufferedProtocol):
     def __init__(self, host: WorkerHost, pid: int) -> None:
         self.host = host
         self.pid = pid
-        self.reader = wp.FrameReader(MAX_LENGTH, REPLY_KINDS)
+        self.reader = wp.FrameReader(MAX_LENGTH, LOCAL_KINDS)
         self.transport: asyncio.Transport | None = None
         self.info: dict[str, object] | None = None  # its READY, once it said it
         self.sock: zmq.Socket[bytes] | None = None
         self.fd = -1
         self.owed = 0  # replies the producer awaits on this DEALER
         self.stale = 0  # replies to jobs of an identity given up: dropped
-        self.heard = 0  # the host's tick when the producer was last heard
+        self.last_heard = 0  # the host's tick when the producer was last heard
         self.limit = LIVENESS  # ticks of silence after which the producer is given up
         self.backoff = RECONNECT_MIN
         self.retry: asyncio.TimerHandle | None = None
@@ -138,6 +138,8 @@ class Relay(asyncio.BufferedProtocol):
         self.acked = False  # the producer answered our GOODBYE
         self.gone = False  # its link ended
         self.released = False  # we end its link (it left the pool)
+        self.heard = False  # something came on its link since the last liveness check
+        self.quiet = 0  # liveness checks in a row it was idle and said nothing
         self._check_scheduled = False
 
     @property
@@ -153,9 +155,15 @@ class Relay(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reader.get_buffer()
 
+    @property
+    def idle(self) -> bool:
+        """Ready and holding no job: it says ALIVE while it lives (an IdleWatch checks)."""
+        return self.info is not None and not self.owed and not self.stale and not self.gone
+
     def buffer_updated(self, nbytes: int) -> None:
         reader = self.reader
         reader.feed(nbytes)
+        self.heard = True
         try:
             while (message := reader.next()) is not None:
                 kind, jid, number, body = message
@@ -171,7 +179,7 @@ class Relay(asyncio.BufferedProtocol):
                     self.release()
                 elif kind == wp.DONE or kind == wp.FAILED:
                     self._reply(wp.frame(kind, jid, body, number))
-                # Any other kind is for a producer's local link only: not relayed.
+                # ALIVE is for this host's IdleWatch (heard, above): not relayed.
         except ValueError as exc:  # FrameError, or a malformed READY
             self.drop(str(exc))
 
@@ -251,7 +259,7 @@ class Relay(asyncio.BufferedProtocol):
             apply_client(sock, host.keys)
         sock.connect(host.endpoint)
         self.sock, self.fd = sock, cast(int, sock.getsockopt(zmq.FD))
-        self.heard, self.acked = host.tick, False
+        self.last_heard, self.acked = host.tick, False
         host.loop.add_reader(self.fd, self._on_readable)
         self._to_producer(wp.frame(wp.READY, wp.job_id(0), json.dumps(self.info).encode()))
         log.debug("worker %d joins as %s", self.pid, sock.identity.decode())
@@ -345,7 +353,7 @@ class Relay(asyncio.BufferedProtocol):
                 continue
             except zmq.ZMQError:
                 return
-            self.heard, self.backoff = self.host.tick, RECONNECT_MIN
+            self.last_heard, self.backoff = self.host.tick, RECONNECT_MIN
             if kind == wp.JOB or kind == wp.BATCH:
                 self.owed += 1 if kind == wp.JOB else number
                 self._to_worker(wp.frame(kind, jid, body, number))
@@ -396,8 +404,10 @@ class WorkerHost:
         heartbeat: float,
         grace: float,
         processes: int,
+        liveness: float | None = None,
     ) -> None:
         self.supervisor = supervisor
+        self.liveness = liveness
         self.processes = processes
         self.endpoint = endpoint
         self.keys = keys
@@ -414,6 +424,7 @@ class WorkerHost:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._watch: IdleWatch[Relay] | None = None
 
     async def run(self) -> int:
         """Serve until told to stop; return the process exit code."""
@@ -428,6 +439,8 @@ class WorkerHost:
             loop.add_signal_handler(sig, self._on_signal, sig)
         set_title(f"gaspar: worker host {self.endpoint}")
         self._timer = loop.call_later(self.heartbeat, self._on_tick)
+        if self.liveness is not None:
+            self._watch = IdleWatch(loop, self.liveness, self.relays.values, self._silent)
         if self.keys is None:
             log.warning(INSECURE_WARNING, self.endpoint)
         log.info("worker host %s: %d workers for %s", self.node, self.processes, self.endpoint)
@@ -484,6 +497,18 @@ class WorkerHost:
         if relay is not None:
             relay.retire()
 
+    def _silent(self, relay: Relay) -> None:
+        assert self.liveness is not None
+        log.warning(
+            "worker %d said nothing for %.3gs while idle (hung?); killing it",
+            relay.pid,
+            self.liveness,
+        )
+        relay.worker_gone("it was silent while idle")
+        self.supervisor.kill(relay.pid)
+        if relay.transport is not None:
+            relay.transport.abort()
+
     def _setup_failed(self, pid: int, backoff: float, error: str) -> None:
         log.error("worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff)
 
@@ -530,7 +555,7 @@ class WorkerHost:
         for relay in list(self.relays.values()):
             if relay.sock is None:
                 continue
-            if self.tick - relay.heard > relay.limit:
+            if self.tick - relay.last_heard > relay.limit:
                 given_up.append(relay)
             else:
                 relay.beat()
@@ -541,7 +566,7 @@ class WorkerHost:
                 " refusing our keys: check its --allow and our --server-key): %d workers join"
                 " again in %.3gs",
                 self.endpoint,
-                (self.tick - given_up[0].heard) * self.heartbeat,
+                (self.tick - given_up[0].last_heard) * self.heartbeat,
                 len(given_up),
                 delay,
             )
@@ -553,6 +578,8 @@ class WorkerHost:
     async def _teardown(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         # From here the supervisor's exit and the workers' are expected.
         self.supervisor.on_lost = _nothing
         for relay in list(self.relays.values()):
@@ -589,6 +616,7 @@ def run_worker_host(
     max_requests: int | None = None,
     max_requests_jitter: int = 0,
     max_worker_memory: int | None = None,
+    liveness_timeout: float = DEFAULTS["liveness_timeout"],
 ) -> int:
     """Run a worker host in this process until SIGTERM/SIGINT/SIGQUIT; return its exit code.
 
@@ -598,7 +626,9 @@ def run_worker_host(
     (CURVE; both required for tcp:// unless `insecure_workers` on loopback).
     `target` (MODULE:ATTR) is what SIGHUP re-imports (None: the workers are
     replaced with the same code); `max_requests`, `max_requests_jitter` and
-    `max_worker_memory` (MiB) recycle workers as a producer's options do.
+    `max_worker_memory` (MiB) recycle workers, and `liveness_timeout` has an
+    idle worker that says nothing for so long killed and replaced, as a
+    producer's options of those names do.
     Call it from a process with no event loop, thread or ZeroMQ context of
     its own yet: it forks.  Raises ValueError (one line) for what it refuses.
     """
@@ -612,10 +642,14 @@ def run_worker_host(
         max_requests=max_requests,
         max_requests_jitter=max_requests_jitter,
         max_worker_memory=max_worker_memory,
+        liveness_timeout=liveness_timeout,
     )
     memory = o["max_worker_memory"]
     limits = WorkerLimits(
-        o["max_requests"], o["max_requests_jitter"], None if memory is None else memory << 20
+        o["max_requests"],
+        o["max_requests_jitter"],
+        None if memory is None else memory << 20,
+        o["liveness_timeout"],
     )
     keys = host_keys(endpoint, key, server_key, insecure_workers)
     count = processes or available_cpus()
@@ -629,7 +663,13 @@ def run_worker_host(
 
         async def main() -> int:
             host = WorkerHost(
-                supervisor, endpoint, keys=keys, heartbeat=heartbeat, grace=grace, processes=count
+                supervisor,
+                endpoint,
+                keys=keys,
+                heartbeat=heartbeat,
+                grace=grace,
+                processes=count,
+                liveness=limits.liveness,
             )
             return await host.run()
 

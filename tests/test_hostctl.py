@@ -3,16 +3,18 @@ QUIT stops at once, and the host's process title; real hosts under real load ove
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
+import gaspar
 from gaspar.proctitle import short_name
 from tests.conftest import wait_until
 from tests.test_reload import versions, write_module
-from tests.test_remote import alive, front, hosts, keys, secure_args, workers_are
+from tests.test_remote import alive, ask, front, hosts, keys, secure_args, workers_are
 from tests.test_signals import Load, title_of
 
 __all__ = ["hosts", "keys"]  # fixtures, used by name
@@ -146,3 +148,49 @@ def test_quit_stops_the_host_at_once_and_its_title_names_the_endpoint(serve, hos
     assert host.proc.wait(20) == 0
     assert wait_until(lambda: not any(alive(p) for p in processes), 10)
     assert workers_are(producer, 0)
+
+
+@pytest.mark.timeout(60)
+def test_max_requests_inside_a_batch_fails_nothing_on_a_host(serve, hosts, keys) -> None:
+    """A remote worker whose limit falls inside a batch says GOODBYE there; its host relays
+    that before the rest of the batch's replies, and ends its link only after them."""
+    producer = front(serve, keys)
+    hosts(producer.worker_endpoint, *secure_args(keys), "--max-requests", "3")
+    assert workers_are(producer, 2)
+
+    async def burst() -> list[bytes]:
+        async with gaspar.AsyncClient(producer.address, timeout=30) as client:
+            return await asyncio.gather(*(client.request(b"pid") for _ in range(400)))
+
+    replies: list[bytes] = []
+    for _ in range(5):
+        replies += asyncio.run(burst())
+        if producer.stats()["batches"]:
+            break
+    stats = producer.stats()
+    assert stats["batches"] > 0, "no batch was made: the test proves nothing"
+    assert stats["requests"]["ok"] == len(replies) and stats["requests"]["worker_lost"] == 0
+    assert len(set(replies)) >= 10
+    assert workers_are(producer, 2)
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_remote_worker_that_is_stopped_is_replaced(serve, hosts, keys) -> None:
+    producer = front(serve, keys)
+    host = hosts(producer.worker_endpoint, *secure_args(keys), "--liveness-timeout", "1")
+    assert workers_are(producer, 2)
+    victim, other = sorted(host.workers())
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: victim not in producer.worker_pids(), timeout=10)
+        assert wait_until(lambda: not alive(victim), timeout=10)
+        assert wait_until(lambda: len(host.workers()) == 2, timeout=10)
+        assert workers_are(producer, 2)
+    finally:
+        if alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert other in producer.worker_pids()
+    assert "said nothing for 1s while idle" in host.text()
+    # A busy worker is not taken for a hung one: a request longer than the timeout completes.
+    assert ask(producer, b"sleep:2") == b"slept:2"
+    assert producer.stats()["requests"]["worker_lost"] == 0
