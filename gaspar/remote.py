@@ -589,6 +589,12 @@ class WorkerHost:
                 )
             relay.leaving = True
             relay.close_socket(LINGER_MS)
+            # As a producer stops: idle workers' links end (they leave at EOF), busy ones
+            # (past the grace, or QUIT: their jobs were just failed) are killed.
+            if relay.transport is not None and not relay.gone:
+                if relay.owed or relay.stale:
+                    self.supervisor.kill(relay.pid)
+                relay.transport.close()
         code = await self.supervisor.stop(term_timeout=TERM_TIMEOUT)
         if code not in (0, None) and self.exit_code == 0:
             log.warning("supervisor exited with code %d", code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,16 @@ import gaspar
 from gaspar.proctitle import short_name
 from tests.conftest import wait_until
 from tests.test_reload import versions, write_module
-from tests.test_remote import alive, ask, front, hosts, keys, secure_args, workers_are
+from tests.test_remote import (
+    alive,
+    ask,
+    front,
+    hosts,
+    in_thread,
+    keys,
+    secure_args,
+    workers_are,
+)
 from tests.test_signals import Load, title_of
 
 __all__ = ["hosts", "keys"]  # fixtures, used by name
@@ -144,9 +154,16 @@ def test_quit_stops_the_host_at_once_and_its_title_names_the_endpoint(serve, hos
     assert wait_until(lambda: titled(host.pid, title), timeout=10), title_of(host.pid)
     processes = host.processes()
     assert len(processes) == 4  # the host, its supervisor, two workers
+    job, outcome = in_thread(ask, producer, b"sleep:30")
+    assert wait_until(lambda: producer.stats()["in_flight"] == 1, timeout=10)
+    started = time.monotonic()
     os.kill(host.pid, signal.SIGQUIT)
     assert host.proc.wait(20) == 0
+    # At once: neither the grace nor the supervisor's wait for workers to leave (5 s).
+    assert time.monotonic() - started < 4
     assert wait_until(lambda: not any(alive(p) for p in processes), 10)
+    job.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], gaspar.WorkerLost), outcome
     assert workers_are(producer, 0)
 
 
