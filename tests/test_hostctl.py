@@ -124,21 +124,31 @@ def test_ttin_and_ttou_change_the_producers_worker_count(serve, hosts, keys) -> 
 
 
 @pytest.mark.timeout(60)
-def test_max_requests_recycles_remote_workers_without_a_failure(serve, hosts, keys) -> None:
+@pytest.mark.parametrize(
+    ("flags", "most"),
+    [
+        (("--max-requests", "3", "--max-requests-jitter", "1"), 4),
+        (("--max-worker-memory", "1"), 1),  # every worker is past 1 MiB: one request each
+    ],
+    ids=["max-requests", "max-worker-memory"],
+)
+def test_recycling_replaces_remote_workers_without_a_failure(
+    serve, hosts, keys, flags: tuple[str, ...], most: int
+) -> None:
     producer = front(serve, keys)
-    host = hosts(producer.worker_endpoint, *secure_args(keys), "--max-requests", "3")
+    host = hosts(producer.worker_endpoint, *secure_args(keys), *flags)
     assert workers_are(producer, 2)
     first = host.workers()
     load = Load(producer.address, b"pid", v1=1, v2=1)
     try:
-        assert load.wait_for(40, timeout=40)
+        assert load.wait_for(30, timeout=40)
     finally:
         failures = load.stop()
     assert failures == []
     served = [int(reply) for reply in load.replies]
-    # Each worker answered at most 3 requests, and new ones took over.
-    assert max(served.count(pid) for pid in set(served)) <= 3
-    assert len(set(served)) >= 40 // 3 and not first & host.workers()
+    # No worker answered more than its limit, and new ones took over.
+    assert max(served.count(pid) for pid in set(served)) <= most
+    assert len(set(served)) >= len(served) // most and not first & host.workers()
     assert producer.stats()["requests"]["worker_lost"] == 0
     assert workers_are(producer, 2)
 
