@@ -32,7 +32,11 @@ max_requests or past max_worker_memory) leaves as a producer's local one does
 worker's own GOODBYE is relayed in the order it came, before its last reply),
 and once the producer has answered that GOODBYE and every reply is passed on,
 the host closes the DEALER and ends the worker's link; the worker leaves at
-EOF and the supervisor replaces it.
+EOF and the supervisor replaces it.  The host says "ready PID" to its
+supervisor at each worker's READY, so that a reload retires an old worker only
+once a new one is ready.  Idle workers say ALIVE on their links (not relayed):
+the host watches them as a producer watches its own (gaspar/links.py's
+IdleWatch) and has one silent for `liveness_timeout` killed and replaced.
 
 A worker process that dies: its link ends (EOF) and the host sends LOST, so
 its job fails WORKER_LOST at once; the supervisor replaces it and the new
