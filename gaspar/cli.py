@@ -147,6 +147,11 @@ def _worker(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         grace=args.grace,
         insecure_workers=args.insecure_workers,
+        target=args.target,
+        max_requests=args.max_requests,
+        max_requests_jitter=args.max_requests_jitter,
+        max_worker_memory=args.max_worker_memory,
+        liveness_timeout=args.liveness_timeout,
     )
 
 
@@ -340,7 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="join without CURVE; only for a loopback ENDPOINT",
     )
     add_flags(
-        worker, [o for o in OPTIONS if o.name in ("heartbeat", "grace", "log_level", "log_format")]
+        worker,
+        [
+            o
+            for o in OPTIONS
+            if o.name
+            in (
+                "heartbeat",
+                "grace",
+                "log_level",
+                "log_format",
+                "max_requests",
+                "max_requests_jitter",
+                "max_worker_memory",
+                "liveness_timeout",
+            )
+        ],
     )
     worker.set_defaults(func=_worker)
 

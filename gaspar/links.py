@@ -34,8 +34,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from . import workerproto as wp
 from .dispatcher import WorkerUnreachable
@@ -75,6 +75,61 @@ class WorkerLink(Protocol):
         """Close the link and everything it holds."""
 
 
+class Watched(Protocol):
+    """One worker's end, as an :class:`IdleWatch` sees it."""
+
+    pid: int
+    heard: bool  # something came since the last liveness check
+    quiet: int  # liveness checks in a row it was idle and said nothing
+
+    @property
+    def idle(self) -> bool:
+        """It is ready and holds no job (so it says ALIVE while it lives)."""
+
+
+W = TypeVar("W", bound=Watched)
+
+
+class IdleWatch(Generic[W]):
+    """Call `silent(member)` for each member idle and silent for `timeout` seconds.
+
+    Checked every third of `timeout`; the local link's and, on a worker host
+    (gaspar/remote.py), each worker's relay.
+    """
+
+    CHECKS = 3  # intervals of silence that make `timeout`
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        members: Callable[[], Iterable[W]],
+        silent: Callable[[W], None],
+    ) -> None:
+        self.timeout = timeout
+        self._loop = loop
+        self._interval = timeout / self.CHECKS
+        self._members = members
+        self._silent = silent
+        self._timer: asyncio.TimerHandle | None = loop.call_later(self._interval, self._check)
+
+    def _check(self) -> None:
+        self._timer = self._loop.call_later(self._interval, self._check)
+        for member in list(self._members()):
+            if member.heard or not member.idle:
+                member.heard, member.quiet = False, 0
+                continue
+            member.quiet += 1
+            if member.quiet >= self.CHECKS:
+                member.quiet = 0
+                self._silent(member)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class LocalConnection(asyncio.BufferedProtocol):
     """The producer's end of one local worker's socket pair."""
 
@@ -88,6 +143,11 @@ class LocalConnection(asyncio.BufferedProtocol):
         self.released = False  # leaving: its link ends once it holds nothing
         self.heard = False  # something came since the last liveness check
         self.quiet = 0  # liveness checks in a row it was idle and said nothing
+
+    @property
+    def idle(self) -> bool:
+        slot = self.slot
+        return slot is not None and slot.job is None and not slot.batch
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # uvloop's is no subclass
@@ -183,7 +243,7 @@ class LocalLink:
         self._connections: dict[int, LocalConnection] = {}
         self._closed = False
         self.on_ready: Callable[[int], None] = _ignore_pid
-        self._watch: asyncio.TimerHandle | None = None
+        self._watch: IdleWatch[LocalConnection] | None = None
         dispatcher.links.append(self)
 
     def add(self, pid: int, sock: socket.socket) -> None:
@@ -225,23 +285,10 @@ class LocalLink:
 
     def watch(self, timeout: float) -> None:
         """Kill any ready worker that says nothing for `timeout` seconds while idle."""
-        interval = timeout / 3
-        checks = 3  # intervals of silence that make `timeout`
+        self._watch = IdleWatch(self._loop, timeout, self._connections.values, self._silent)
 
-        def check() -> None:
-            self._watch = self._loop.call_later(interval, check)
-            for conn in list(self._connections.values()):
-                slot = conn.slot
-                if conn.heard or slot is None or slot.job is not None or slot.batch:
-                    conn.heard, conn.quiet = False, 0
-                    continue
-                conn.quiet += 1
-                if conn.quiet >= checks:
-                    self._silent(conn, timeout)
-
-        self._watch = self._loop.call_later(interval, check)
-
-    def _silent(self, conn: LocalConnection, timeout: float) -> None:
+    def _silent(self, conn: LocalConnection) -> None:
+        timeout = self._watch.timeout if self._watch is not None else 0.0
         log.warning(
             "worker %d said nothing for %.3gs while idle (hung?); killing it", conn.pid, timeout
         )

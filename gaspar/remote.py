@@ -25,12 +25,29 @@ worker that joins again does so only once it is idle: replies still owed
 under an old identity are dropped here, so no reply can cross into the new
 session, and the idle-only rule holds.
 
+A worker that leaves the pool while the host stays (the supervisor retires
+it on a reload or when there are fewer workers; it recycles itself after
+max_requests or past max_worker_memory) leaves as a producer's local one does
+(gaspar/links.py): its DEALER says GOODBYE before any reply still owed (the
+worker's own GOODBYE is relayed in the order it came, before its last reply),
+and once the producer has answered that GOODBYE and every reply is passed on,
+the host closes the DEALER and ends the worker's link; the worker leaves at
+EOF and the supervisor replaces it.  The host says "ready PID" to its
+supervisor at each worker's READY, so that a reload retires an old worker only
+once a new one is ready.  Idle workers say ALIVE on their links (not relayed):
+the host watches them as a producer watches its own (gaspar/links.py's
+IdleWatch) and has one silent for `liveness_timeout` killed and replaced.
+
 A worker process that dies: its link ends (EOF) and the host sends LOST, so
 its job fails WORKER_LOST at once; the supervisor replaces it and the new
 worker joins.  KILL from the producer (a job past its timeout) has the
 supervisor kill that worker.  SIGTERM or SIGINT: every DEALER says GOODBYE;
 the host finishes what its workers hold within `grace`, then stops its
-supervisor and exits; a second signal stops at once.
+supervisor and exits; a second signal, or SIGQUIT, stops at once.  SIGHUP:
+the supervisor re-imports MODULE:ATTR and replaces every worker, one at a
+time (a new one ready before an old one is retired); SIGTTIN, SIGTTOU: one
+worker more, one fewer (never below one).  The supervisor and the workers
+leave the group's signals to this process, as under a producer.
 """
 
 from __future__ import annotations
@@ -51,11 +68,13 @@ import zmq
 from . import workerproto as wp
 from .consumer import Consumer, Handler, as_consumer
 from .link_zmq import LIVENESS, NOBLOCK, POLLIN, SNDMORE, split
-from .links import REPLY_KINDS
+from .links import LOCAL_KINDS, IdleWatch
+from .options import DEFAULTS, validate
+from .proctitle import set_title
 from .protocol import MAX_LENGTH, MAX_MESSAGE_SIZE_LIMIT
 from .security import INSECURE_WARNING, ClientKeys, apply_client, check_endpoint, load_client_keys
 from .supervisor import SupervisorLink
-from .worker import Frames
+from .worker import GROUP_SIGNALS, Frames, WorkerLimits
 
 __all__ = ["KEYWORD_NAMES", "WorkerHost", "host_keys", "run_worker_host"]
 
@@ -108,20 +127,23 @@ class Relay(asyncio.BufferedProtocol):
     def __init__(self, host: WorkerHost, pid: int) -> None:
         self.host = host
         self.pid = pid
-        self.reader = wp.FrameReader(MAX_LENGTH, REPLY_KINDS)
+        self.reader = wp.FrameReader(MAX_LENGTH, LOCAL_KINDS)
         self.transport: asyncio.Transport | None = None
         self.info: dict[str, object] | None = None  # its READY, once it said it
         self.sock: zmq.Socket[bytes] | None = None
         self.fd = -1
         self.owed = 0  # replies the producer awaits on this DEALER
         self.stale = 0  # replies to jobs of an identity given up: dropped
-        self.heard = 0  # the host's tick when the producer was last heard
+        self.last_heard = 0  # the host's tick when the producer was last heard
         self.limit = LIVENESS  # ticks of silence after which the producer is given up
         self.backoff = RECONNECT_MIN
         self.retry: asyncio.TimerHandle | None = None
         self.leaving = False  # joins no more (the host stops, or the worker retires)
         self.acked = False  # the producer answered our GOODBYE
         self.gone = False  # its link ended
+        self.released = False  # we end its link (it left the pool)
+        self.heard = False  # something came on its link since the last liveness check
+        self.quiet = 0  # liveness checks in a row it was idle and said nothing
         self._check_scheduled = False
 
     @property
@@ -137,9 +159,15 @@ class Relay(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reader.get_buffer()
 
+    @property
+    def idle(self) -> bool:
+        """Ready and holding no job: it says ALIVE while it lives (an IdleWatch checks)."""
+        return self.info is not None and not self.owed and not self.stale and not self.gone
+
     def buffer_updated(self, nbytes: int) -> None:
         reader = self.reader
         reader.feed(nbytes)
+        self.heard = True
         try:
             while (message := reader.next()) is not None:
                 kind, jid, number, body = message
@@ -148,12 +176,14 @@ class Relay(asyncio.BufferedProtocol):
                 elif self.info is None or kind == wp.READY:
                     where = "before" if self.info is None else "after"
                     raise wp.FrameError(f"{kind!r} {where} READY")
-                elif kind == wp.GOODBYE:  # the worker retires: pass it on
+                elif kind == wp.GOODBYE:  # it recycles itself: pass it on, before its reply
                     self.leaving = True
+                    self._cancel_retry()
                     self._to_producer(wp.frame(wp.GOODBYE, jid, b""))
+                    self.release()
                 elif kind == wp.DONE or kind == wp.FAILED:
                     self._reply(wp.frame(kind, jid, body, number))
-                # Any other kind is for a producer's local link only: not relayed.
+                # ALIVE is for this host's IdleWatch (heard, above): not relayed.
         except ValueError as exc:  # FrameError, or a malformed READY
             self.drop(str(exc))
 
@@ -190,6 +220,7 @@ class Relay(asyncio.BufferedProtocol):
             "node": self.host.node,
             "heartbeat": self.host.heartbeat,
         }
+        self.host.supervisor.ready(self.pid)  # a reload retires an old worker only now
         self.join()
 
     def _reply(self, frames: Frames) -> None:
@@ -197,11 +228,13 @@ class Relay(asyncio.BufferedProtocol):
             self.stale -= 1
             if not self.stale:
                 self.join()  # idle now
+                self.release()
             return
         if self.owed:
             self.owed -= 1
         self._to_producer(frames)
         if self.leaving:
+            self.release()
             self.host.check_done()
 
     # -- the DEALER to the producer ----------------------------------------------
@@ -230,7 +263,7 @@ class Relay(asyncio.BufferedProtocol):
             apply_client(sock, host.keys)
         sock.connect(host.endpoint)
         self.sock, self.fd = sock, cast(int, sock.getsockopt(zmq.FD))
-        self.heard, self.acked = host.tick, False
+        self.last_heard, self.acked = host.tick, False
         host.loop.add_reader(self.fd, self._on_readable)
         self._to_producer(wp.frame(wp.READY, wp.job_id(0), json.dumps(self.info).encode()))
         log.debug("worker %d joins as %s", self.pid, sock.identity.decode())
@@ -242,6 +275,30 @@ class Relay(asyncio.BufferedProtocol):
         if self.sock is not None and not self.acked:
             self._to_producer(wp.frame(wp.GOODBYE, wp.job_id(0), b""))
 
+    def retire(self) -> None:
+        """The supervisor retires this worker: GOODBYE, then it leaves once it holds nothing."""
+        self.leave()
+        self.release()
+
+    def release(self) -> None:
+        """End a leaving worker's DEALER and link once nothing is owed (it leaves at EOF).
+
+        Not while the host itself stops: its teardown ends every link then.
+        """
+        if (
+            not self.leaving
+            or self.gone
+            or self.host.leaving
+            or self.owed
+            or self.stale
+            or (self.sock is not None and not self.acked)
+        ):
+            return
+        self.close_socket(LINGER_MS)
+        self.released = True
+        if self.transport is not None:
+            self.transport.close()
+
     def rotate(self, delay: float) -> None:
         """Give up this DEALER's identity; join again after `delay` seconds, once idle."""
         self.close_socket(0)
@@ -250,6 +307,7 @@ class Relay(asyncio.BufferedProtocol):
         if delay > 0 and not self.leaving:
             self.retry = self.host.loop.call_later(delay, self._retry)
         self.join()
+        self.release()
 
     def close_socket(self, linger: int) -> None:
         """Close the DEALER (after `linger` ms to hand over what it holds)."""
@@ -299,7 +357,7 @@ class Relay(asyncio.BufferedProtocol):
                 continue
             except zmq.ZMQError:
                 return
-            self.heard, self.backoff = self.host.tick, RECONNECT_MIN
+            self.last_heard, self.backoff = self.host.tick, RECONNECT_MIN
             if kind == wp.JOB or kind == wp.BATCH:
                 self.owed += 1 if kind == wp.JOB else number
                 self._to_worker(wp.frame(kind, jid, body, number))
@@ -312,10 +370,12 @@ class Relay(asyncio.BufferedProtocol):
                 self.host.supervisor.kill(self.pid)
             elif kind == wp.GOODBYE:
                 self.acked = True
+                self.release()
                 self.host.check_done()
             elif kind == wp.UNKNOWN:
                 if self.leaving:
                     self.acked = True  # it has forgotten us: nothing more comes
+                    self.release()
                     self.host.check_done()
                 else:
                     log.info("worker %d: the producer does not know it; joining again", self.pid)
@@ -348,8 +408,10 @@ class WorkerHost:
         heartbeat: float,
         grace: float,
         processes: int,
+        liveness: float | None = None,
     ) -> None:
         self.supervisor = supervisor
+        self.liveness = liveness
         self.processes = processes
         self.endpoint = endpoint
         self.keys = keys
@@ -366,6 +428,7 @@ class WorkerHost:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._stop = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._watch: IdleWatch[Relay] | None = None
 
     async def run(self) -> int:
         """Serve until told to stop; return the process exit code."""
@@ -374,10 +437,14 @@ class WorkerHost:
         link.on_exited = self._exited
         link.on_setup_failed = self._setup_failed
         link.on_lost = self._supervisor_lost
+        link.on_retire = self._retire
         link.attach(loop)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in GROUP_SIGNALS:  # the supervisor and workers leave them to us
             loop.add_signal_handler(sig, self._on_signal, sig)
+        set_title(f"gaspar: worker host {self.endpoint}")
         self._timer = loop.call_later(self.heartbeat, self._on_tick)
+        if self.liveness is not None:
+            self._watch = IdleWatch(loop, self.liveness, self.relays.values, self._silent)
         if self.keys is None:
             log.warning(INSECURE_WARNING, self.endpoint)
         log.info("worker host %s: %d workers for %s", self.node, self.processes, self.endpoint)
@@ -385,7 +452,7 @@ class WorkerHost:
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in GROUP_SIGNALS:  # the supervisor and workers leave them to us
                 loop.remove_signal_handler(sig)
             await self._teardown()
         return self.exit_code
@@ -419,6 +486,8 @@ class WorkerHost:
                 sock.close()
             self.supervisor.kill(relay.pid)
             relay.worker_gone("its link could not be read")
+        elif relay.released and relay.transport is not None:
+            relay.transport.close()
 
     def _exited(self, pid: int, code: int) -> None:
         relay = self.relays.get(pid)
@@ -426,6 +495,23 @@ class WorkerHost:
             relay.worker_gone(f"it exited with code {code}")
             if relay.transport is not None:
                 relay.transport.abort()
+
+    def _retire(self, pid: int) -> None:
+        relay = self.relays.get(pid)
+        if relay is not None:
+            relay.retire()
+
+    def _silent(self, relay: Relay) -> None:
+        assert self.liveness is not None
+        log.warning(
+            "worker %d said nothing for %.3gs while idle (hung?); killing it",
+            relay.pid,
+            self.liveness,
+        )
+        relay.worker_gone("it was silent while idle")
+        self.supervisor.kill(relay.pid)
+        if relay.transport is not None:
+            relay.transport.abort()
 
     def _setup_failed(self, pid: int, backoff: float, error: str) -> None:
         log.error("worker %d: setup() failed: %s; next attempt in %.3gs", pid, error, backoff)
@@ -438,10 +524,25 @@ class WorkerHost:
         self._stop.set()
 
     def _on_signal(self, sig: int) -> None:
+        """TERM, INT: leave gracefully, at once the second time; QUIT: at once;
+        HUP: reload; TTIN, TTOU: one worker more, one fewer (never below one)."""
         name = signal.Signals(sig).name
-        if self.leaving:
-            log.warning("%s again: stopping now", name)
+        if sig == signal.SIGQUIT or (self.leaving and sig in (signal.SIGTERM, signal.SIGINT)):
+            log.warning("%s%s: stopping now", name, " again" if self.leaving else "")
+            self.leaving = True
             self._stop.set()
+            return
+        if self.leaving:
+            log.info("%s ignored: the host is stopping", name)
+            return
+        if sig == signal.SIGHUP:
+            log.info("SIGHUP: reloading")
+            self.supervisor.reload()
+            return
+        if sig in (signal.SIGTTIN, signal.SIGTTOU):
+            self.processes = max(1, self.processes + (1 if sig == signal.SIGTTIN else -1))
+            log.info("%s: %d workers", name, self.processes)
+            self.supervisor.scale(self.processes)
             return
         self.leaving = True
         owed = sum(r.owed for r in self.relays.values())
@@ -458,7 +559,7 @@ class WorkerHost:
         for relay in list(self.relays.values()):
             if relay.sock is None:
                 continue
-            if self.tick - relay.heard > relay.limit:
+            if self.tick - relay.last_heard > relay.limit:
                 given_up.append(relay)
             else:
                 relay.beat()
@@ -469,7 +570,7 @@ class WorkerHost:
                 " refusing our keys: check its --allow and our --server-key): %d workers join"
                 " again in %.3gs",
                 self.endpoint,
-                (self.tick - given_up[0].heard) * self.heartbeat,
+                (self.tick - given_up[0].last_heard) * self.heartbeat,
                 len(given_up),
                 delay,
             )
@@ -481,6 +582,8 @@ class WorkerHost:
     async def _teardown(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         # From here the supervisor's exit and the workers' are expected.
         self.supervisor.on_lost = _nothing
         for relay in list(self.relays.values()):
@@ -490,6 +593,12 @@ class WorkerHost:
                 )
             relay.leaving = True
             relay.close_socket(LINGER_MS)
+            # As a producer stops: idle workers' links end (they leave at EOF), busy ones
+            # (past the grace, or QUIT: their jobs were just failed) are killed.
+            if relay.transport is not None and not relay.gone:
+                if relay.owed or relay.stale:
+                    self.supervisor.kill(relay.pid)
+                relay.transport.close()
         code = await self.supervisor.stop(term_timeout=TERM_TIMEOUT)
         if code not in (0, None) and self.exit_code == 0:
             log.warning("supervisor exited with code %d", code)
@@ -513,13 +622,23 @@ def run_worker_host(
     grace: float = 30.0,
     insecure_workers: bool = False,
     use_uvloop: bool | None = None,
+    target: str | None = None,
+    max_requests: int | None = None,
+    max_requests_jitter: int = 0,
+    max_worker_memory: int | None = None,
+    liveness_timeout: float = DEFAULTS["liveness_timeout"],
 ) -> int:
-    """Run a worker host in this process until SIGTERM/SIGINT; return its exit code.
+    """Run a worker host in this process until SIGTERM/SIGINT/SIGQUIT; return its exit code.
 
     Forks a supervisor with `processes` workers (None: one per CPU this
     process may use) that join the producer's pool at `endpoint`.  `key` is
     this host's secret certificate, `server_key` the producer's public one
     (CURVE; both required for tcp:// unless `insecure_workers` on loopback).
+    `target` (MODULE:ATTR) is what SIGHUP re-imports (None: the workers are
+    replaced with the same code); `max_requests`, `max_requests_jitter` and
+    `max_worker_memory` (MiB) recycle workers, and `liveness_timeout` has an
+    idle worker that says nothing for so long killed and replaced, as a
+    producer's options of those names do.
     Call it from a process with no event loop, thread or ZeroMQ context of
     its own yet: it forks.  Raises ValueError (one line) for what it refuses.
     """
@@ -529,9 +648,24 @@ def run_worker_host(
         raise ValueError("heartbeat must be above 0 and grace at least 0")
     if processes is not None and processes < 1:
         raise ValueError(f"processes must be at least 1 or None, got {processes!r}")
+    o = validate(
+        max_requests=max_requests,
+        max_requests_jitter=max_requests_jitter,
+        max_worker_memory=max_worker_memory,
+        liveness_timeout=liveness_timeout,
+    )
+    memory = o["max_worker_memory"]
+    limits = WorkerLimits(
+        o["max_requests"],
+        o["max_requests_jitter"],
+        None if memory is None else memory << 20,
+        o["liveness_timeout"],
+    )
     keys = host_keys(endpoint, key, server_key, insecure_workers)
     count = processes or available_cpus()
-    supervisor = SupervisorLink.fork(as_consumer(consumer), count, MAX_JOB)
+    supervisor = SupervisorLink.fork(
+        as_consumer(consumer), count, MAX_JOB, target=target, limits=limits
+    )
     from .loop import new_event_loop
 
     loop = new_event_loop(use_uvloop)
@@ -539,7 +673,13 @@ def run_worker_host(
 
         async def main() -> int:
             host = WorkerHost(
-                supervisor, endpoint, keys=keys, heartbeat=heartbeat, grace=grace, processes=count
+                supervisor,
+                endpoint,
+                keys=keys,
+                heartbeat=heartbeat,
+                grace=grace,
+                processes=count,
+                liveness=limits.liveness,
             )
             return await host.run()
 
