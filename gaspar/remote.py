@@ -423,6 +423,7 @@ class WorkerHost:
         self.relays: dict[int, Relay] = {}
         self.tick = 0
         self.leaving = False
+        self.at_once = False  # QUIT, or a second TERM or INT: every worker is killed at the stop
         self.exit_code = 0
         self.loop = asyncio.get_running_loop()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -529,7 +530,7 @@ class WorkerHost:
         name = signal.Signals(sig).name
         if sig == signal.SIGQUIT or (self.leaving and sig in (signal.SIGTERM, signal.SIGINT)):
             log.warning("%s%s: stopping now", name, " again" if self.leaving else "")
-            self.leaving = True
+            self.leaving = self.at_once = True
             self._stop.set()
             return
         if self.leaving:
@@ -594,9 +595,9 @@ class WorkerHost:
             relay.leaving = True
             relay.close_socket(LINGER_MS)
             # As a producer stops: idle workers' links end (they leave at EOF), busy ones
-            # (past the grace, or QUIT: their jobs were just failed) are killed.
+            # (past the grace: their jobs were just failed) are killed; at once, all are.
             if relay.transport is not None and not relay.gone:
-                if relay.owed or relay.stale:
+                if relay.owed or relay.stale or self.at_once:
                     self.supervisor.kill(relay.pid)
                 relay.transport.close()
         code = await self.supervisor.stop(term_timeout=TERM_TIMEOUT)
