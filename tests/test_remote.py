@@ -30,21 +30,12 @@ from gaspar import workerproto as wp
 from gaspar.aio import AsyncClient
 from gaspar.keys import create_keypair
 from tests import handlers
-from tests.conftest import child_pids, wait_until
+from tests.conftest import alive, child_pids, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 0.2
 # A generous bound on noticing a silent host: 3 missed intervals, and slack for a busy machine.
 DETECT = 10 * HEARTBEAT + 2
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie (it may vanish while we look)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:  # FileNotFoundError, or ProcessLookupError mid-read
-        return False
 
 
 class Keys(NamedTuple):

@@ -23,19 +23,10 @@ from gaspar.client import request
 from gaspar.errors import RequestFailed
 from gaspar.supervisor import Supervisor, _flush_and_exit
 from tests import handlers
-from tests.conftest import child_pids, wait_until
+from tests.conftest import alive, child_pids, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(rb"listening on (\S+):(\d+) with (\d+) workers")
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie (one reaped while read is not alive)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def group_members(pgid: int) -> set[int]:
