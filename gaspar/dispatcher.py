@@ -56,6 +56,8 @@ PEAK_DECAY = 0.98
 
 
 Callback = Callable[[Status, bytes | memoryview], None]
+NO_DEADLINE = float("inf")
+LATE_MESSAGE = b"deadline too near for the request to finish: not run"
 
 
 def _nothing() -> None:
@@ -78,7 +80,17 @@ class Job:
     so that the access log can name the worker that held it.
     """
 
-    __slots__ = ("callback", "id", "micros", "payload", "started", "submitted", "timer", "worker")
+    __slots__ = (
+        "callback",
+        "deadline",
+        "id",
+        "micros",
+        "payload",
+        "started",
+        "submitted",
+        "timer",
+        "worker",
+    )
 
     def __init__(self, n: int, payload: bytes | bytearray, callback: Callback, now: float) -> None:
         self.id = wp.job_id(n)
@@ -89,6 +101,8 @@ class Job:
         self.submitted = now
         self.started = 0.0  # 0 until a worker runs it
         self.micros = -1  # the handler's run time, from its reply; -1 without one
+        # When its client gives up (of clock(); the caller sets it): see _skip_late.
+        self.deadline = NO_DEADLINE
 
 
 class WorkerSlot:
@@ -484,10 +498,25 @@ class Dispatcher:
             self._idle.remove(slot)
 
     def _became_idle(self, slot: WorkerSlot) -> None:
-        if not self._pending:
+        pending = self._pending
+        if pending and pending[0].deadline != NO_DEADLINE:
+            self._skip_late()
+        if not pending:
             self._idle.append(slot)
             return
         self._send(slot, self._take_batch())
+
+    def _skip_late(self) -> None:
+        """Fail (TIMEOUT, never run) the jobs at the head of the queue whose deadline is
+        nearer than the handler's recent peak run time.
+
+        Under overload the queue's head is the job nearest its deadline; run,
+        it would mostly finish after its client had given up (worker time
+        spent for nobody: benchmarks/overload.py measures the share).
+        """
+        pending, now = self._pending, clock()
+        while pending and pending[0].deadline - now < self._peak:
+            self._finish(pending.popleft(), Status.TIMEOUT, LATE_MESSAGE)
 
     def notify(self) -> None:
         """Re-check what :meth:`wait_for` waits for (after an event it cannot see)."""

@@ -770,6 +770,7 @@ class V2Connection(_Deadline, asyncio.Protocol):
             return
         self.jobs[rid] = job
         if job.worker is None:
+            job.deadline = job.submitted + event.deadline_ms / 1000
             loop = server.loop
             at = loop.time() + event.deadline_ms / 1000
             self.timers[rid] = loop.call_at(at, self._expire, rid, job)

@@ -115,6 +115,37 @@ def test_queued_request_past_its_deadline_gets_timeout_and_never_runs(one_worker
     assert rec.ran() == ["hold", "in-time", "after"]  # "late" never ran
 
 
+@pytest.mark.timeout(30)
+def test_a_queued_request_with_less_time_left_than_a_run_takes_is_not_run(one_worker, rec) -> None:
+    """Taken from the queue with 0.8 s left, by a handler whose runs take 2 s: it would
+    finish after its client gave up, so it fails TIMEOUT at once, unrun, as the queue
+    moves on."""
+    c = ControlClient(one_worker.address)
+    try:
+        c.send(1, rec.hold())
+        assert wait_until(rec.started.exists, timeout=10)
+        sent = time.monotonic()
+        c.send_timed(2, 3000, rec.tag("too-near"))
+        c.send_timed(3, 30_000, rec.tag("in-time"))
+        # The hold runs 2.2 s (the handler's peak run time from now on), then ends.
+        assert wait_until(lambda: time.monotonic() - sent > 2.2, timeout=5)
+        rec.release()
+        replies = {}
+        for _ in range(3):
+            rid, status, body = c.reply()
+            replies[rid] = (status, body)
+            if rid == 2:
+                assert time.monotonic() - sent < 3.0  # before the deadline itself
+        assert replies == {
+            1: (Status.OK, b"hold"),
+            2: (Status.TIMEOUT, b"deadline too near for the request to finish: not run"),
+            3: (Status.OK, b"in-time"),
+        }
+    finally:
+        c.close()
+    assert rec.ran() == ["hold", "in-time"]  # "too-near" never ran
+
+
 def test_deadline_zero_fails_at_once_and_met_deadline_runs(one_worker, rec) -> None:
     c = ControlClient(one_worker.address)
     try:
