@@ -144,6 +144,7 @@ class Dispatcher:
         self._idle: deque[WorkerSlot] = deque()
         self._workers: dict[WorkerSlot, None] = {}  # in the order they came
         self._busy = 0
+        self._abandoned = 0  # of _busy: running (or batched) jobs whose client has gone
         # The handler's recent peak run time (s); unknown counts as the budget.
         self._peak = BATCH_BUDGET
         self.batches = 0  # batches sent so far
@@ -209,6 +210,11 @@ class Dispatcher:
         """Jobs queued or running."""
         return self._busy
 
+    @property
+    def awaited(self) -> int:
+        """Jobs queued or running that a client still waits for (what a stop waits for)."""
+        return self._busy - self._abandoned
+
     def submit(self, payload: bytes | bytearray, callback: Callback) -> Job | None:
         """Queue `payload` for the next idle worker; None when the queue is full."""
         if not self._idle and len(self._pending) >= self.max_queue:
@@ -233,6 +239,10 @@ class Dispatcher:
             except ValueError:
                 return
             self._done()
+        else:  # it runs on, for nobody: a stop need not wait for it
+            self._abandoned += 1
+            if self._waiters:
+                self.notify()
 
     def retire(self) -> None:
         """Take every worker out of service: they are about to be stopped."""
@@ -426,6 +436,8 @@ class Dispatcher:
                 callback(outcome, data)
             except Exception:
                 log.exception("job callback failed")
+        else:
+            self._abandoned -= 1
         self._done()
 
     def _done(self) -> None:
@@ -450,6 +462,7 @@ class Dispatcher:
             held = slot.batch.pop()
             held.worker = None
             if held.callback is None:
+                self._abandoned -= 1
                 self._done()
             else:
                 self._pending.appendleft(held)

@@ -80,6 +80,27 @@ def test_grace_period_bounds_the_stop() -> None:
     assert not any(alive(p) for p in workers)
 
 
+def test_stop_does_not_wait_for_a_request_whose_client_has_gone() -> None:
+    """A running request whose client reset its connection runs for nobody: the stop
+    takes none of its grace for it, and its worker is killed."""
+    import socket
+    import struct
+
+    producer = gaspar.Producer(handlers.behave, 0, processes=1)
+    producer.start(blocking=False)
+    workers = producer.worker_pids()
+    sock = socket.create_connection(producer.address, timeout=10)
+    sock.sendall(struct.pack("!I", 8) + b"sleep:30")
+    wait_outstanding(producer, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset: the server cancels the request, which runs on in its worker
+    assert wait_until(lambda: producer.stats()["connections"] == 0, timeout=10)
+    started = time.monotonic()
+    producer.stop(grace=20)
+    assert time.monotonic() - started < 5
+    assert not any(alive(p) for p in workers)
+
+
 def test_stop_is_idempotent_and_safe_before_start() -> None:
     producer = gaspar.Producer(handlers.echo, 0, processes=1)
     producer.stop()

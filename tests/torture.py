@@ -54,15 +54,15 @@ SIZES = (
     )
     if FULL
     else Sizes(
-        chaos_requests=8_000,
+        chaos_requests=4_000,
         fuzz_examples=300,
-        live_attacks=1_000,
+        live_attacks=500,
         soak_requests=20_000,
-        soak_chunk=1.5,
-        slow_connections=1_000,
+        soak_chunk=1.0,
+        slow_connections=300,
         slow_seconds=1.0,
         slow_rounds=1,
-        load_seconds=6.0,
+        load_seconds=3.0,
         timeout=120.0,
     )
 )
