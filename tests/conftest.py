@@ -94,8 +94,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return predicate()
 
 
-def child_pids(pid: int) -> set[int]:
-    """Direct children of `pid`, from /proc."""
+def _live_where(field: int, value: int) -> set[int]:
+    """Live (not zombie) processes whose /proc stat field `field`, counted after the
+    name (1: parent pid, 2: process group), is `value`."""
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -104,6 +105,16 @@ def child_pids(pid: int) -> set[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            if int(fields[1]) == pid and fields[0] != "Z":
+            if int(fields[field]) == value and fields[0] != "Z":
                 found.add(int(entry))
     return found
+
+
+def child_pids(pid: int) -> set[int]:
+    """Direct children of `pid`, from /proc."""
+    return _live_where(1, pid)
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live processes of process group `pgid`, from /proc."""
+    return _live_where(2, pgid)

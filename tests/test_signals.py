@@ -23,25 +23,10 @@ from gaspar.client import request
 from gaspar.errors import RequestFailed
 from gaspar.supervisor import Supervisor, _flush_and_exit
 from tests import handlers
-from tests.conftest import alive, child_pids, wait_until
+from tests.conftest import alive, child_pids, group_members, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENING = re.compile(rb"listening on (\S+):(\d+) with (\d+) workers")
-
-
-def group_members(pgid: int) -> set[int]:
-    """Live processes of process group `pgid`, from /proc."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
 
 
 class Served:
