@@ -78,6 +78,7 @@ class Killer(threading.Thread):
         self.pids, self.every, self.rng, self.where = pids, every, random.Random(seed), where
         self.stopped = threading.Event()
         self.kills: Counter[str] = Counter()  # by where() of the worker killed
+        self.killed: list[int] = []
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
@@ -88,6 +89,7 @@ class Killer(threading.Thread):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     self.kills[kind] += 1
+                    self.killed.append(pid)
                 except ProcessLookupError:
                     pass
 
@@ -165,6 +167,9 @@ def chaos(
     assert stats["requests"]["worker_lost"] >= 1, stats
 
     # The pool returns to its target, and every worker it counts is a live process it owns.
+    # A process SIGKILLed a moment ago may not be gone yet: settled means after they all are.
+    assert wait_until(lambda: not any(alive(pid) for pid in killer.killed), timeout=20)
+
     def settled() -> bool:
         pids = producer.worker_pids()
         return len(pids) == target and set(pids) == processes()
