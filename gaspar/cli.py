@@ -53,11 +53,18 @@ def load_target(spec: str) -> Consumer:
     return as_consumer(obj)  # type: ignore[arg-type]
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _load(target: str) -> Consumer | None:
+    """The handler MODULE:ATTR names, or None once the reason it cannot be loaded is logged."""
     try:
-        consumer = load_target(args.target)
+        return load_target(target)
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
-        log.error("cannot load %s: %s", args.target, exc)
+        log.error("cannot load %s: %s", target, exc)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    consumer = _load(args.target)
+    if consumer is None:
         return EXIT_USAGE
     settings = {o.name: getattr(args, o.name) for o in PRODUCER_OPTIONS}
     refusal = _worker_bind_refusal(args)
@@ -122,10 +129,8 @@ def _worker_bind_refusal(args: argparse.Namespace) -> str:
 def _worker(args: argparse.Namespace) -> int:
     from .remote import host_keys, run_worker_host  # ZeroMQ: only this subcommand needs it
 
-    try:
-        consumer = load_target(args.target)
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:
-        log.error("cannot load %s: %s", args.target, exc)
+    consumer = _load(args.target)
+    if consumer is None:
         return EXIT_USAGE
     try:
         host_keys(
