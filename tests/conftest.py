@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -118,3 +119,19 @@ def child_pids(pid: int) -> set[int]:
 def group_members(pgid: int) -> set[int]:
     """Live processes of process group `pgid`, from /proc."""
     return _live_where(2, pgid)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run fn(*args) (a blocking client call) in a thread; its result or exception lands
+    in the returned list."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn(*args))
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box

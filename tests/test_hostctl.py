@@ -3,7 +3,6 @@ QUIT stops at once, and the host's process title; real hosts under real load ove
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -14,6 +13,7 @@ import pytest
 import gaspar
 from gaspar.proctitle import short_name
 from tests.conftest import wait_until
+from tests.test_recycle import recycle_in_batches
 from tests.test_reload import versions, write_module
 from tests.test_remote import (
     alive,
@@ -184,20 +184,7 @@ def test_max_requests_inside_a_batch_fails_nothing_on_a_host(serve, hosts, keys)
     producer = front(serve, keys)
     hosts(producer.worker_endpoint, *secure_args(keys), "--max-requests", "3")
     assert workers_are(producer, 2)
-
-    async def burst() -> list[bytes]:
-        async with gaspar.AsyncClient(producer.address, timeout=30) as client:
-            return await asyncio.gather(*(client.request(b"pid") for _ in range(400)))
-
-    replies: list[bytes] = []
-    for _ in range(5):
-        replies += asyncio.run(burst())
-        if producer.stats()["batches"]:
-            break
-    stats = producer.stats()
-    assert stats["batches"] > 0, "no batch was made: the test proves nothing"
-    assert stats["requests"]["ok"] == len(replies) and stats["requests"]["worker_lost"] == 0
-    assert len(set(replies)) >= 10
+    recycle_in_batches(producer)
     assert workers_are(producer, 2)
 
 

@@ -17,7 +17,6 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -34,7 +33,7 @@ from gaspar.dispatcher import Dispatcher
 from gaspar.links import LocalLink
 from gaspar.protocol import Status
 from tests import handlers
-from tests.conftest import alive, wait_until
+from tests.conftest import alive, in_thread, wait_until
 from tests.test_batches import submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,21 +349,6 @@ def test_a_worker_that_breaks_its_link_is_dropped_and_replaced(serve, how: bytes
     assert producer.worker_pids() != [first]
     assert request(producer.address, b"still here", timeout=10) == b"still here"
     assert producer.state == "running" and producer.stats()["requests"]["worker_lost"] == 1
-
-
-def in_thread(target, *args):
-    """Run a blocking client call in a thread; its outcome lands in the returned list."""
-    box: list = []
-
-    def run() -> None:
-        try:
-            box.append(target(*args))
-        except BaseException as exc:
-            box.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 @pytest.mark.timeout(60)

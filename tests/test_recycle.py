@@ -123,10 +123,9 @@ def test_a_busy_worker_is_not_taken_for_a_hung_one(serve) -> None:
     assert producer.stats()["requests"]["worker_lost"] == 0
 
 
-def test_max_requests_mid_batch_fails_nothing(serve) -> None:
-    """Many tiny requests in flight at once make batches: a worker whose limit falls inside
-    one says GOODBYE there, answers the rest of its batch, and only then leaves."""
-    producer = serve(handlers.behave, processes=2, max_requests=3)
+def recycle_in_batches(producer: gaspar.Producer) -> None:
+    """Bursts of 400 tiny requests until batches form, workers leaving every 3 requests:
+    none fails, and many workers answered."""
 
     async def burst() -> list[bytes]:
         async with gaspar.AsyncClient(producer.address, timeout=30) as client:
@@ -141,3 +140,10 @@ def test_max_requests_mid_batch_fails_nothing(serve) -> None:
     assert stats["batches"] > 0, "no batch was made: the test proves nothing"
     assert stats["requests"]["ok"] == len(replies) and stats["requests"]["worker_lost"] == 0
     assert len(set(replies)) >= 10
+
+
+def test_max_requests_mid_batch_fails_nothing(serve) -> None:
+    """Many tiny requests in flight at once make batches: a worker whose limit falls inside
+    one says GOODBYE there, answers the rest of its batch, and only then leaves."""
+    producer = serve(handlers.behave, processes=2, max_requests=3)
+    recycle_in_batches(producer)

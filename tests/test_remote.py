@@ -30,7 +30,7 @@ from gaspar import workerproto as wp
 from gaspar.aio import AsyncClient
 from gaspar.keys import create_keypair
 from tests import handlers
-from tests.conftest import alive, child_pids, wait_until
+from tests.conftest import alive, child_pids, in_thread, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = 0.2
@@ -141,21 +141,6 @@ def workers_are(producer: gaspar.Producer, n: int, timeout: float = 20) -> bool:
 def ask(producer: gaspar.Producer, message: bytes, timeout: float = 20) -> bytes:
     with gaspar.Client(producer.address, timeout=timeout) as client:
         return client.request(message)
-
-
-def in_thread(fn: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
-    """Run fn(*args) in a thread; its result or exception lands in the returned list."""
-    box: list[Any] = []
-
-    def run() -> None:
-        try:
-            box.append(fn(*args))
-        except BaseException as exc:
-            box.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 @pytest.mark.timeout(60)
