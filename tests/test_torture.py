@@ -509,9 +509,13 @@ def test_reload_scale_and_recycling_under_load_fail_no_request(report: Report) -
         os.kill(pid, signal.SIGHUP)  # every worker replaced, one at a time
         assert wait_until(lambda: logged("reload: replacing") == 1, timeout=30)
         assert wait_until(lambda: not workers_of(pid) & before, timeout=30), workers_of(pid)
+        # Workers keep recycling meanwhile, so a count alone can pass early: wait for
+        # each change's log line, then for the count.
         os.kill(pid, signal.SIGTTIN)
+        assert wait_until(lambda: logged("workers: 2 -> 3") == 1, timeout=30)
         assert wait_until(lambda: len(workers_of(pid)) == 3, timeout=30)
         os.kill(pid, signal.SIGTTOU)
+        assert wait_until(lambda: logged("workers: 3 -> 2") == 1, timeout=30)
         assert wait_until(lambda: len(workers_of(pid)) == 2, timeout=30)
         assert logged("workers: 2 -> 3") == logged("workers: 3 -> 2") == 1
         under_load = all(sender.is_alive() for sender in senders)
