@@ -129,8 +129,9 @@ def test_producer_scale(serve) -> None:
 # A producer started blocking in its main thread (so it acts on signals); it prints its
 # stats as a JSON line for each line read on standard input.
 BLOCKING = """
-import json, sys, threading
+import json, logging, sys, threading
 import gaspar
+logging.basicConfig(level=logging.INFO)  # to standard error: the test reads the signal lines
 from tests import handlers
 
 producer = gaspar.Producer(handlers.behave, 0, processes=2)
@@ -145,15 +146,18 @@ print("stopped", flush=True)
 """
 
 
-def test_ttin_and_ttou_on_a_blocking_start() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BLOCKING],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-        text=True,
-        start_new_session=True,
-    )
+def test_ttin_and_ttou_on_a_blocking_start(tmp_path) -> None:
+    log = tmp_path / "producer.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BLOCKING],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=ROOT,
+            text=True,
+            start_new_session=True,
+        )
     assert proc.stdin is not None and proc.stdout is not None
 
     def workers() -> int:
@@ -169,6 +173,9 @@ def test_ttin_and_ttou_on_a_blocking_start() -> None:
         for n in (2, 1, 1):  # one at a time (signals of a kind do not queue); never below one
             proc.send_signal(signal.SIGTTOU)
             assert wait_until(lambda: workers() == n, timeout=20)  # noqa: B023
+        # The last one changes nothing to see: wait for its log line, so that it is not
+        # still pending with the TTIN below (the lower-numbered TTIN would be taken first).
+        assert wait_until(lambda: log.read_text().count("SIGTTOU: 1 workers") == 2, timeout=20)
         proc.send_signal(signal.SIGTTIN)
         assert wait_until(lambda: workers() == 2, timeout=20)
         os.killpg(proc.pid, signal.SIGTERM)
